@@ -1,0 +1,340 @@
+"""A tiny, real Megatron-Core ``GPTModel`` with Multi-Token-Prediction heads, on CPU, for tests.
+
+Why this exists: verl_mtp works on megatron's own ``GPTModel`` / ``MultiTokenPredictionBlock`` (their
+``_postprocess``, ``roll_tensor``, ``MTPLossAutoScaler`` ...). Mocks would not catch a change in those, so
+unit tests build the real modules, only very small, and run them on CPU (no GPU on dev machines / CI).
+
+Import it as ``from support.tiny_mcore import ...`` (``tests/conftest.py`` puts ``tests/`` on ``sys.path``).
+Not as ``tests.support.tiny_mcore``: verl 0.9.1 installs a top-level *regular* package named ``tests``
+into site-packages, and a regular package always wins over this repo's ``tests/`` namespace directory.
+
+Public API::
+
+    init_cpu_megatron(tp=1, pp=1, cp=1)          # gloo, world size 1, model-parallel groups, CPU shims
+    destroy_cpu_megatron()                       # undo everything init set up (for test isolation)
+    build_tiny_gpt(mtp_num_layers, ...)          # real GPTModel + K real MTP layers, fp32, CPU
+    causal_attention_mask(batch, seq)            # bool [batch, 1, seq, seq], True = masked out
+    forward_bshd(model, input_ids, labels=None, loss_mask=None)
+
+Tested with: megatron-core 0.16.1, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
+
+CPU shims (they live only here, are installed by ``init_cpu_megatron`` / ``forward_bshd`` and touch no
+code path outside megatron's process-global test state; ``torch.cuda`` itself is *not* patched, so code
+under test that wrongly assumes CUDA still fails loudly):
+
+1. RNG tracker. Megatron forks a "model-parallel" RNG stream around dropout
+   (``tensor_parallel.get_cuda_rng_tracker().fork()``); its ``CudaRNGStatesTracker.add`` /``fork`` call
+   ``torch.cuda.get_rng_state`` and fail without CUDA. We install ``_CPURNGStatesTracker`` (same
+   interface, CPU generator states) as megatron's tracker and seed it the way
+   ``model_parallel_cuda_manual_seed`` does. Megatron's ``model_parallel_cuda_manual_seed`` keeps working
+   afterwards too (it reuses an initialised tracker; ``torch.cuda.manual_seed`` is lazy on CPU builds).
+2. Global memory buffer. The local ``DotProductAttention`` takes its ``baddbmm`` scratch tensor from
+   ``parallel_state.get_global_memory_buffer()``, which allocates on ``torch.cuda.current_device()``
+   ("AssertionError: Torch not compiled with CUDA enabled"). We swap in ``_CPUGlobalMemoryBuffer``.
+3. MTP loss logging tracker. In training mode with labels, ``GPTModel._postprocess`` calls
+   ``MTPLossLoggingHelper.save_loss_to_tracker``, which lazily creates its buffer on
+   ``torch.cuda.current_device()``. ``forward_bshd`` / ``build_tiny_gpt`` pre-create it on CPU (size K).
+   If you call ``model(...)`` yourself in training mode with labels, call ``prepare_mtp_loss_tracker`` first.
+4. ``labels=None`` with MTP. megatron-core 0.16.1 ``GPTModel._postprocess`` does ``labels.clone()``
+   whenever ``config.mtp_num_layers`` is set, so a label-free forward of an MTP model raises
+   "AttributeError: 'NoneType' object has no attribute 'clone'". ``forward_bshd(labels=None)`` therefore
+   runs the *main head only* (MTP skipped, exactly what verl's patched ``_postprocess`` does without
+   labels) by hiding MTP for that one call (``model.mtp_process`` / ``config.mtp_num_layers``, restored).
+5. Attention mask. Without an explicit mask the local softmax builds its causal mask with
+   ``device="cuda"`` (``transformer.utils.get_default_causal_mask``); ``forward_bshd`` always passes one.
+
+Not supported on CPU here: RoPE (``RotaryEmbedding.forward`` moves ``inv_freq`` to
+``torch.cuda.current_device()``, so the model uses learned absolute positions), TP/PP/CP > 1 (world size
+is 1), sequence parallel, TransformerEngine specs, fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import socket
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import GlobalMemoryBuffer
+
+__all__ = [
+    "init_cpu_megatron",
+    "destroy_cpu_megatron",
+    "seed_cpu_rng_tracker",
+    "build_tiny_gpt",
+    "causal_attention_mask",
+    "forward_bshd",
+    "prepare_mtp_loss_tracker",
+]
+
+TESTED_MCORE_VERSIONS = ("0.16.1",)
+
+# Whether init_cpu_megatron created the default process group (then destroy_cpu_megatron may tear it down).
+_OWNS_PROCESS_GROUP = False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shim 1: CPU RNG tracker
+# --------------------------------------------------------------------------------------------------------
+class _CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """``CudaRNGStatesTracker`` whose named streams are CPU generator states.
+
+    ``fork(name)`` swaps torch's default CPU generator to the named stream and back, so code run under
+    it (dropout in tensor-parallel regions) draws from its own reproducible stream, as on GPU.
+    Nested forks work because each fork saves and restores whatever state was current.
+    """
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+
+def seed_cpu_rng_tracker(seed: int = 0) -> None:
+    """(Re)install the CPU tracker as megatron's RNG tracker and seed its streams.
+
+    Mirrors ``model_parallel_cuda_manual_seed`` (same stream names and seed offsets, rank 0) without
+    touching CUDA. There is no public hook to choose the tracker class, hence the module globals.
+    """
+    tracker = mcore_random._CUDA_RNG_STATE_TRACKER
+    if not isinstance(tracker, _CPURNGStatesTracker):
+        tracker = _CPURNGStatesTracker()
+        mcore_random._CUDA_RNG_STATE_TRACKER = tracker
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tracker.reset()
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)  # + tp_rank (0)
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)  # + 100*ep_rank + etp_rank
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shim 2: CPU global memory buffer
+# --------------------------------------------------------------------------------------------------------
+class _CPUGlobalMemoryBuffer(GlobalMemoryBuffer):
+    """``GlobalMemoryBuffer`` that allocates on CPU (megatron's uses ``torch.cuda.current_device()``)."""
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        required_len = functools.reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < required_len:
+            buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, device="cpu")
+        return buf[:required_len].view(*tensor_shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shim 3: CPU MTP loss logging tracker
+# --------------------------------------------------------------------------------------------------------
+def prepare_mtp_loss_tracker(num_mtp_layers: int) -> None:
+    """Make ``MTPLossLoggingHelper.tracker["values"]`` a CPU tensor with one slot per MTP layer.
+
+    Megatron creates it lazily on ``torch.cuda.current_device()``. An existing CPU buffer of the right
+    size is kept (it accumulates, as in megatron); a missing, non-CPU or wrongly sized one is replaced
+    (the tracker is process-global, so models with different K in one process would otherwise clash).
+    """
+    values = MTPLossLoggingHelper.tracker.get("values")
+    if values is None or values.device.type != "cpu" or values.numel() != num_mtp_layers:
+        MTPLossLoggingHelper.tracker["values"] = torch.zeros(num_mtp_layers)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Process group + model parallel state
+# --------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_cpu_megatron(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
+    """Idempotently set up torch.distributed (gloo, rank 0 of 1) and megatron's parallel state on CPU.
+
+    Safe to call from every test: a second call only re-checks the CPU shims. The
+    rendezvous address is passed as ``init_method=tcp://127.0.0.1:<free port>`` instead of through
+    ``MASTER_ADDR``/``MASTER_PORT`` so the environment of other tests is left alone. ``tp``/``pp``/``cp``
+    exist for signature parity with GPU helpers; with one process they must all be 1.
+    """
+    global _OWNS_PROCESS_GROUP
+    if tp * pp * cp != 1:
+        raise ValueError(f"CPU test world size is 1, so tp*pp*cp must be 1 (got tp={tp}, pp={pp}, cp={cp})")
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+        _OWNS_PROCESS_GROUP = True
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(f"torch.distributed already initialised with world size {dist.get_world_size()}")
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        )
+
+    # initialize_model_parallel (re)creates megatron's CUDA buffer; replace it with the CPU one.
+    if not isinstance(parallel_state._GLOBAL_MEMORY_BUFFER, _CPUGlobalMemoryBuffer):
+        parallel_state._GLOBAL_MEMORY_BUFFER = _CPUGlobalMemoryBuffer()
+    if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, _CPURNGStatesTracker):
+        seed_cpu_rng_tracker(0)
+
+
+def destroy_cpu_megatron() -> None:
+    """Undo ``init_cpu_megatron`` and reset megatron's process-global MTP state, for test isolation.
+
+    The default process group is destroyed only if ``init_cpu_megatron`` created it.
+    """
+    global _OWNS_PROCESS_GROUP
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state._GLOBAL_MEMORY_BUFFER = None
+    mcore_random._CUDA_RNG_STATE_TRACKER = None
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    MTPLossLoggingHelper.tracker.clear()
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------
+def build_tiny_gpt(
+    mtp_num_layers: int,
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    seq_len: int = 64,
+    share_embeddings: bool = False,
+    seed: int = 0,
+    packed_attention: bool = False,
+) -> GPTModel:
+    """Build a real fp32 ``GPTModel`` on CPU with ``mtp_num_layers`` real MTP layers (0 = no MTP).
+
+    Local (non-TransformerEngine) layer spec; the MTP block spec is derived from it by megatron's own
+    ``get_gpt_mtp_block_spec``. Dropout is 0 and positions are learned absolute (RoPE needs CUDA, see the
+    module docstring); ``seq_len`` is the maximum sequence length. Weights are a pure function of
+    ``seed`` (``use_cpu_initialization`` draws from torch's CPU generator, which is forked so the
+    caller's global RNG state is unchanged). The model is returned in training mode.
+    ``packed_attention`` swaps in a core attention that honours packed ``cu_seqlens``
+    (``support.packed_attention``), so THD micro-batches run on CPU; weights are the same as without it.
+    """
+    if mtp_num_layers < 0:
+        raise ValueError(f"mtp_num_layers must be >= 0, got {mtp_num_layers}")
+    init_cpu_megatron()
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        mtp_num_layers=mtp_num_layers or None,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if packed_attention:
+        from support.packed_attention import packed_local_layer_spec
+
+        layer_spec = packed_local_layer_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec()
+    mtp_block_spec = (
+        get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False) if mtp_num_layers else None
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seed_cpu_rng_tracker(seed)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=seq_len,
+            share_embeddings_and_output_weights=share_embeddings,
+            position_embedding_type="learned_absolute",
+            mtp_block_spec=mtp_block_spec,
+        )
+    if mtp_num_layers:
+        prepare_mtp_loss_tracker(mtp_num_layers)
+    return model
+
+
+def causal_attention_mask(batch: int, seq: int, device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """Boolean causal mask ``[batch, 1, seq, seq]`` for the local ``DotProductAttention``; True = masked out.
+
+    It broadcasts over heads against the ``[b, heads, s, s]`` scores and is applied with
+    ``masked_fill_(mask, -10000)`` (megatron's ``attention_mask_func``).
+    """
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)
+    return mask.view(1, 1, seq, seq).expand(batch, 1, seq, seq)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _main_head_only(gpt: GPTModel) -> Iterator[None]:
+    """Hide the MTP block for one forward (shim 4): ``_postprocess`` then skips MTP and ``labels.clone()``."""
+    saved = (gpt.mtp_process, gpt.config.mtp_num_layers)
+    gpt.mtp_process, gpt.config.mtp_num_layers = False, None
+    try:
+        yield
+    finally:
+        gpt.mtp_process, gpt.config.mtp_num_layers = saved
+
+
+def forward_bshd(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    loss_mask: Optional[torch.Tensor] = None,
+):
+    """Run ``GPTModel.forward`` on an unpacked ``[b, s]`` batch, building position ids and causal mask.
+
+    Returns what megatron returns:
+
+    * ``labels is None``: logits ``[b, s, vocab]`` of the main head (MTP heads are skipped, shim 4);
+    * ``labels`` given: the main head's per-token CE loss ``[b, s]`` (unmasked). If the model has MTP, the
+      MTP heads run and their CE losses (weighted by ``loss_mask``, scaled by
+      ``config.mtp_loss_scaling_factor / K``) are attached to the graph through ``MTPLossAutoScaler``,
+      so a backward from this loss also trains the MTP layers. ``loss_mask`` only affects the MTP part.
+    """
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq).contiguous()
+    attention_mask = causal_attention_mask(batch, seq, device=input_ids.device)
+    gpt = _unwrap(model)
+    mtp_layers = gpt.config.mtp_num_layers if getattr(gpt, "mtp_process", False) else None
+
+    if mtp_layers and labels is None:
+        with _main_head_only(gpt):
+            return model(input_ids, position_ids, attention_mask)
+    if mtp_layers and gpt.training:
+        prepare_mtp_loss_tracker(mtp_layers)
+    return model(input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)

@@ -1,0 +1,118 @@
+"""Line MTP-head outputs up with the main head's token positions.
+
+Megatron's MTP depth ``k`` (1-based) reads position ``i`` and predicts token ``x[i+k+1]``, while the main
+head at position ``i`` predicts ``x[i+1]``. Two shifts per head connect them, and both must stay inside one
+sequence of a packed batch:
+
+* ``head_labels``: the token head ``k`` is scored on at position ``i``, ``x[i+k+1]``; built on the unpacked
+  (nested) input ids so verl's own packing then pads and splits it (TP alignment, context-parallel
+  zig-zag) exactly like the main labels.
+* ``shift_right``: after the per-head log-probs are unpacked, entry ``j`` takes the value head ``k``
+  produced at ``j-k``; it now scores the same token as the main head's entry ``j``. The first ``k``
+  positions of every sequence have no MTP prediction and are marked invalid, never silently zero-scored.
+
+Everything here works on packed values + per-sequence ``starts``/``lengths`` so the same code serves jagged
+nested tensors (starts = offsets) and padded THD buffers (starts = padded offsets, lengths = true lengths).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "mtp_output_keys",
+    "positions_in_sequence",
+    "shift_packed",
+    "shift_right",
+    "head_labels",
+    "align_mtp_outputs",
+]
+
+
+def mtp_output_keys(k: int) -> tuple[str, str, str]:
+    """Model-output keys of head ``k``: log-probs, valid mask, top-1 agreement with the sampled token."""
+    return f"mtp_{k}_log_probs", f"mtp_{k}_valid", f"mtp_{k}_top1"
+
+
+def positions_in_sequence(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per packed slot: its index inside its sequence and that sequence's true length.
+
+    Slots outside every sequence (THD padding) get index -1 and length 0, so any shift marks them invalid.
+    """
+    device = starts.device
+    starts = starts.to(torch.long)
+    lengths = lengths.to(torch.long)
+    pos = torch.full((total,), -1, dtype=torch.long, device=device)
+    seq_len = torch.zeros(total, dtype=torch.long, device=device)
+    n = int(lengths.sum())
+    if n:
+        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(n, device=device) - first[seq_id]
+        slot = starts[seq_id] + within
+        pos[slot] = within
+        seq_len[slot] = lengths[seq_id]
+    return pos, seq_len
+
+
+def shift_packed(
+    values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, shift: int, fill: float | int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift packed ``values`` (sequence along dim 0) by ``shift`` slots inside each sequence.
+
+    ``shift > 0`` moves values right (``out[j] = values[j - shift]``), ``shift < 0`` moves them left. Returns
+    ``(shifted, valid)``; slots whose source falls outside their own sequence hold ``fill`` and
+    ``valid=False``. Differentiable in ``values`` (a gather).
+    """
+    total = values.shape[0]
+    pos, seq_len = positions_in_sequence(starts, lengths, total)
+    src_pos = pos - shift
+    valid = (pos >= 0) & (src_pos >= 0) & (src_pos < seq_len)
+    src = torch.arange(total, device=values.device) - shift
+    src = torch.where(valid, src, torch.zeros_like(src))
+    shifted = values[src]
+    mask = valid.view(-1, *([1] * (values.dim() - 1)))
+    shifted = torch.where(mask, shifted, torch.full_like(shifted, fill))
+    return shifted, valid
+
+
+def _jagged_parts(nested: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offsets = nested.offsets()
+    return nested.values(), offsets[:-1], offsets.diff()
+
+
+def _as_jagged(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.nested.nested_tensor_from_jagged(values, offsets=like.offsets())
+
+
+def shift_right(nested: torch.Tensor, k: int, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-shift each sequence of a jagged nested tensor by ``k``; returns ``(shifted, valid)`` as jagged."""
+    values, starts, lengths = _jagged_parts(nested)
+    shifted, valid = shift_packed(values, starts, lengths, k, fill)
+    return _as_jagged(shifted, nested), _as_jagged(valid, nested)
+
+
+def head_labels(input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Targets of MTP depth ``k`` (1-based): ``x[i+k+1]`` at position ``i`` of each jagged sequence.
+
+    The last ``k+1`` positions of each sequence have no target and hold 0; after ``shift_right`` by ``k``
+    they land on the sequence's final slot, which lies past the response and is never scored.
+    """
+    values, starts, lengths = _jagged_parts(input_ids)
+    shifted, _ = shift_packed(values, starts, lengths, -(k + 1), 0)
+    return _as_jagged(shifted, input_ids)
+
+
+def align_mtp_outputs(output: dict) -> dict:
+    """Move every head's unpacked (jagged) outputs onto the main head's positions and add its valid mask.
+
+    Before: ``mtp_k_log_probs[i]`` is head ``k`` at position ``i``. After: entry ``j`` scores the token the main
+    head's ``log_probs[j]`` scores, and ``mtp_k_valid[j]`` says whether head ``k`` predicted it at all.
+    """
+    k = 1
+    while mtp_output_keys(k)[0] in output:
+        lp_key, valid_key, top1_key = mtp_output_keys(k)
+        output[lp_key], output[valid_key] = shift_right(output[lp_key], k)
+        output[top1_key], _ = shift_right(output[top1_key], k)
+        k += 1
+    return output

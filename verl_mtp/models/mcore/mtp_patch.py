@@ -1,0 +1,241 @@
+"""Patch of Megatron-Core ``GPTModel._postprocess`` that hands the MTP heads to the RL loss.
+
+verl's own patch (``verl.models.mcore.mtp_patch``) turns the MTP heads into an auxiliary cross-entropy loss
+injected with ``MTPLossAutoScaler``; that covers the ``detach`` and ``ce`` regimes and stays in charge of
+them. For ``mtp_loss_type=rl`` this patch instead runs the MTP block, keeps each head's final hidden states
+(with their autograd graph into the MTP layers and the trunk) in an :class:`MTPRLOutput`, and returns the
+main logits exactly as verl does. The engine's logits processor then scores the sampled tokens with each head
+through :func:`mtp_token_log_probs`, under the same temperature as the main head.
+
+The head's hidden states are kept rather than logits so that no second full-vocabulary tensor is alive
+before the logits processor needs it, and so that the temperature (known only to the processor) is applied
+to the MTP logits exactly like the main ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from inspect import signature
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from verl.models.mcore.mtp_patch import _get_patching_model
+from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
+from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys, shift_packed
+
+__all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
+
+_OUTPUT_ATTR = "_verl_mtp_rl_output"
+
+
+@dataclass
+class MTPRLOutput:
+    """What the patched postprocess leaves for the logits processor of the same micro-batch.
+
+    ``hidden_states[k-1]`` is depth ``k``'s output, ``[s, b, h]`` in the model's (packed) sequence order.
+    """
+
+    hidden_states: tuple[torch.Tensor, ...]
+    output_layer: torch.nn.Module
+    output_weight: torch.Tensor | None
+    runtime_gather_output: bool | None
+    train_lm_head: bool
+    packed_seq_params: object | None  # THD layout (padded cu_seqlens) of this micro-batch; None for BSHD
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.hidden_states)
+
+    def head_logits(self, k: int) -> torch.Tensor:
+        """Depth ``k`` logits ``[s, b, v/tp]`` through the shared output layer (weights detached unless trained)."""
+        weight = self.output_weight if self.output_weight is not None else self.output_layer.weight
+        if not self.train_lm_head:
+            weight = weight.detach()
+        logits, _ = self.output_layer(
+            self.hidden_states[k - 1], weight=weight, runtime_gather_output=self.runtime_gather_output
+        )
+        return logits
+
+
+def mtp_token_log_probs(
+    mtp_output: MTPRLOutput, k: int, labels: torch.Tensor, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth ``k``'s log-probability of ``labels`` and whether its top-1 token equals them, both ``[b, s]``.
+
+    ``labels`` and ``temperature`` are ``[b, s]`` in the same packed order as the main head's. Uses verl's
+    vocab-parallel log-softmax (correct for TP > 1). Works in Megatron's ``[s, b]`` order so the
+    full-vocabulary logits are never transposed into a contiguous copy; they die when this returns, except
+    what autograd saves for the backward pass.
+    """
+    labels_sb = labels.t().contiguous()
+    logits = mtp_output.head_logits(k)
+    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
+    with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
+        top1 = _vocab_parallel_argmax(logits)
+    log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)
+    return log_probs.t(), (top1 == labels_sb).t()
+
+
+def score_mtp_heads(
+    mtp_output: MTPRLOutput,
+    label: torch.Tensor,
+    temperature: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Every head's log-prob of its own target, and top-1 agreement, in the packed order of ``label``.
+
+    ``label`` is the main head's target buffer (``x[i+1]`` at slot ``i``), ``[b, s]`` packed THD or padded
+    BSHD; ``starts``/``lengths`` locate each sequence in it (the engine derives them from the micro-batch).
+    Head ``k``'s target at slot ``i`` is ``label[i+k]`` of the same sequence.
+    """
+    flat_label = label.reshape(-1)
+    scored = {}
+    for k in range(1, mtp_output.num_heads + 1):
+        head_label, _ = shift_packed(flat_label, starts, lengths, -k)
+        log_probs, top1 = mtp_token_log_probs(mtp_output, k, head_label.view_as(label), temperature)
+        lp_key, _, top1_key = mtp_output_keys(k)
+        scored[lp_key] = log_probs
+        scored[top1_key] = top1.to(log_probs.dtype)
+    return scored
+
+
+def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Global argmax over a vocabulary split across tensor-parallel ranks."""
+    from megatron.core import parallel_state as mpu
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    local_max, local_idx = logits.max(dim=-1)
+    if tp == 1:
+        return local_idx
+    group = mpu.get_tensor_model_parallel_group()
+    rank = mpu.get_tensor_model_parallel_rank()
+    global_idx = local_idx + rank * logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(tp)]
+    idxs = [torch.empty_like(global_idx) for _ in range(tp)]
+    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
+    torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
+    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
+    return torch.stack(idxs).gather(0, best).squeeze(0)
+
+
+def pop_mtp_rl_output(model: torch.nn.Module) -> MTPRLOutput | None:
+    """Take (and clear) what the last forward of ``model`` left; ``None`` when it ran no RL MTP heads."""
+    gpt = _get_patching_model(model)
+    if gpt is None:
+        return None
+    return gpt.__dict__.pop(_OUTPUT_ATTR, None)
+
+
+def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False) -> None:
+    """Install the RL postprocess on ``model``'s GPTModel; the postprocess in place (verl's) stays as fallback.
+
+    Raises when the model has no MTP layers: ``mtp_loss_type=rl`` would otherwise train nothing.
+    """
+    gpt = _get_patching_model(model)
+    if gpt is None:
+        raise TypeError(f"mtp_loss_type=rl needs a Megatron GPTModel, got {type(model).__name__}")
+    if not gpt.config.mtp_num_layers:
+        raise ValueError(
+            "actor_rollout_ref.model.mtp.mtp_loss_type=rl but the model has no MTP layers "
+            "(mtp_num_layers is 0/None): use a checkpoint with MTP heads (e.g. num_nextn_predict_layers > 0) "
+            "or set mtp.enable=False."
+        )
+    if getattr(gpt, "_verl_mtp_fallback_postprocess", None) is None:
+        gpt._verl_mtp_fallback_postprocess = gpt._postprocess
+    gpt._verl_mtp_train_lm_head = train_lm_head
+    gpt._postprocess = _megatron_gptmodel_postprocess_rl.__get__(gpt, gpt.__class__)
+
+
+def _mtp_block_kwargs(mtp_block: torch.nn.Module, kwargs: dict) -> dict:
+    """Keep only the optional keywords this Megatron-Core version's MTP block accepts (0.16 vs 0.17+)."""
+    params = signature(mtp_block.forward).parameters
+    return {k: v for k, v in kwargs.items() if k in params and v is not None}
+
+
+def _megatron_gptmodel_postprocess_rl(
+    self: GPTModel,
+    hidden_states,
+    input_ids,
+    position_ids,
+    labels,
+    rotary_pos_emb,
+    rotary_pos_cos,
+    rotary_pos_sin,
+    mtp_in_postprocess=None,
+    loss_mask=None,
+    decoder_input=None,
+    attention_mask=None,
+    inference_params=None,
+    packed_seq_params=None,
+    sequence_len_offset=None,
+    runtime_gather_output=None,
+    extra_block_kwargs=None,
+    inference_context=None,
+    **newer_kwargs,
+):
+    """Main logits as verl computes them; MTP head hidden states stashed for the RL loss.
+
+    Without gradient (verl's ``compute_log_prob``) or without labels, the MTP heads are not needed: the
+    fallback postprocess runs with ``labels=None`` and returns the main logits only.
+    """
+    if labels is None or not torch.is_grad_enabled():
+        return self._verl_mtp_fallback_postprocess(
+            hidden_states=hidden_states,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            labels=None,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            mtp_in_postprocess=False,
+            loss_mask=loss_mask,
+            decoder_input=decoder_input,
+            attention_mask=attention_mask,
+            inference_params=inference_params,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset,
+            runtime_gather_output=runtime_gather_output,
+            extra_block_kwargs=extra_block_kwargs,
+            inference_context=inference_context,
+            **newer_kwargs,
+        )
+    if newer_kwargs.get("output_processor") is not None:
+        raise NotImplementedError("mtp_loss_type=rl does not support Megatron's output_processor hook")
+
+    if mtp_in_postprocess:
+        optional = _mtp_block_kwargs(
+            self.mtp,
+            {"padding_mask": newer_kwargs.get("padding_mask"), "mhc_multistream": newer_kwargs.get("mhc_multistream")},
+        )
+        hidden_states = self.mtp(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            inference_params=inference_params,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset,
+            embedding=self.embedding,
+            **optional,
+            **(extra_block_kwargs or {}),
+        )
+    if not self.post_process:
+        return hidden_states
+
+    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+    chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
+    self.__dict__[_OUTPUT_ATTR] = MTPRLOutput(
+        hidden_states=tuple(chunks[1:]),
+        output_layer=self.output_layer,
+        output_weight=output_weight,
+        runtime_gather_output=runtime_gather_output,
+        train_lm_head=self._verl_mtp_train_lm_head,
+        packed_seq_params=packed_seq_params,
+    )
+    logits, _ = self.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
+    return logits.transpose(0, 1).contiguous()

@@ -1,0 +1,20 @@
+"""``python -m verl_mtp.trainer.main_ppo``: verl's PPO entry point on the MTP-RL config.
+
+Takes the same Hydra overrides as ``python -m verl.trainer.main_ppo``; the config composes verl's
+``ppo_megatron_trainer`` from the installed verl package with the ``actor_rollout_ref.model.mtp`` keys of
+this project. The training itself is verl's; verl-mtp's engine is installed by the verl plugin.
+"""
+
+import hydra
+
+import verl_mtp.plugin  # noqa: F401  (the driver process gets the engine too, not only Ray workers)
+from verl.trainer import main_ppo as verl_main_ppo
+
+
+@hydra.main(config_path="config", config_name="mtp_ppo_megatron_trainer", version_base=None)
+def main(config):
+    verl_main_ppo.main.__wrapped__(config)
+
+
+if __name__ == "__main__":
+    main()

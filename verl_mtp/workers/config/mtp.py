@@ -1,0 +1,118 @@
+"""Configuration of joint MTP-RL training: the regime (``mtp_loss_type``) and OCC.
+
+``MtpRLConfig`` extends verl's ``MtpConfig`` (``actor_rollout_ref.model.mtp``), so every verl key keeps its
+meaning. ``mtp_loss_type`` names the regime and sets verl's own switches to match:
+
+* ``detach``: Megatron's MTP cross-entropy on detached trunk inputs (verl ``enable_train=True,
+  detach_encoder=True``); no gradient from MTP reaches the embedding, decoder or lm_head.
+* ``ce``: Megatron's MTP cross-entropy with its gradient flowing into the trunk (``detach_encoder=False``).
+* ``rl``: each MTP head gets the actor's registered policy loss on its own log-probs of the sampled tokens,
+  with advantages scaled by the OCC lambda (``occ.enable``) or by the fixed ``mtp_loss_scaling_factor``.
+
+``mtp_loss_type=None`` (the default) leaves verl's behaviour untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from verl.base_config import BaseConfig
+from verl.workers.config import MtpConfig
+
+__all__ = ["MTP_LOSS_TYPES", "OCC_SCOPES", "OCCConfig", "MtpRLConfig"]
+
+MTP_LOSS_TYPES = ("detach", "ce", "rl")
+OCC_SCOPES = ("micro_batch", "data_parallel")
+
+
+@dataclass
+class OCCConfig(BaseConfig):
+    """Optimal Coefficient Calibration: ``lambda = lambda_plus * sum(dRL*dMTP) / (sum(dMTP^2) + eps)``.
+
+    Paper settings: ``lambda_plus``, ``eps``. Ours (off or neutral by default, documented in docs/mtp_rl.md):
+
+    scope: ``micro_batch`` sums over the micro-batch's response tokens; ``data_parallel`` all-reduces the
+        two sums over the data-parallel group first (one collective of 2 floats per head and micro-batch).
+    carry_last_lambda: when a micro-batch carries no signal (mean |dRL| <= ``uninformative_drl``, e.g. the
+        first mini-batch of a step, where log pi == log pi_old and the paper's lambda is 0) use the last
+        informative lambda of that head instead (``initial_lambda`` before there is one).
+    max_abs_lambda: clamp |lambda| to this bound; ``None`` means no bound.
+    """
+
+    enable: bool = False
+    lambda_plus: float = 1.0
+    eps: float = 1e-8
+    scope: str = "micro_batch"
+    carry_last_lambda: bool = False
+    initial_lambda: float = 0.0
+    uninformative_drl: float = 1e-6
+    max_abs_lambda: Optional[float] = None
+
+    def __post_init__(self):
+        if self.scope not in OCC_SCOPES:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.occ.scope={self.scope!r} is unknown; choose one of {OCC_SCOPES}"
+            )
+        if self.eps <= 0:
+            raise ValueError(f"actor_rollout_ref.model.mtp.occ.eps must be > 0, got {self.eps}")
+        if self.max_abs_lambda is not None and self.max_abs_lambda <= 0:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.occ.max_abs_lambda must be > 0 or null, got {self.max_abs_lambda}"
+            )
+
+
+@dataclass
+class MtpRLConfig(MtpConfig):
+    """verl's ``MtpConfig`` plus the joint-training regime; see the module docstring.
+
+    train_lm_head: whether the MTP policy loss may update the shared output layer (``rl`` only). Default
+        False, as verl's MTP losses never update it: the main head's distribution stays the policy's own.
+    """
+
+    mtp_loss_type: Optional[str] = None
+    train_lm_head: bool = False
+    occ: OCCConfig = field(default_factory=OCCConfig)
+
+    def __post_init__(self):
+        if isinstance(self.occ, dict):
+            object.__setattr__(self, "occ", OCCConfig(**self.occ))
+        kind = self.mtp_loss_type
+        if kind is None:
+            if self.occ.enable:
+                raise ValueError(
+                    "actor_rollout_ref.model.mtp.occ.enable=True needs mtp_loss_type=rl "
+                    "(OCC calibrates the MTP policy loss)."
+                )
+            return
+        if kind not in MTP_LOSS_TYPES:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.mtp_loss_type={kind!r} is unknown; choose one of {MTP_LOSS_TYPES} "
+                "(or null to keep verl's own MTP behaviour)."
+            )
+        if not self.enable:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.mtp_loss_type={kind} needs actor_rollout_ref.model.mtp.enable=True "
+                "and a model with MTP layers."
+            )
+        if self.occ.enable and kind != "rl":
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={kind}: OCC only calibrates the "
+                "rl regime; set mtp_loss_type=rl or occ.enable=False."
+            )
+        if kind in ("ce", "rl") and self.detach_encoder:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={kind} (which trains "
+                "the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
+            )
+        if self.train_lm_head and kind != "rl":
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.train_lm_head=True only applies to mtp_loss_type=rl, got {kind}."
+            )
+        # Map the regime onto verl's own switches so verl's engine builds labels and patches accordingly.
+        object.__setattr__(self, "enable_train", True)
+        object.__setattr__(self, "detach_encoder", kind == "detach")
+
+    @property
+    def is_rl(self) -> bool:
+        return self.enable and self.mtp_loss_type == "rl"

@@ -1,0 +1,91 @@
+"""verl's Megatron LM engine with the MTP heads wired into the RL loss (``mtp_loss_type=rl``).
+
+For every other setting this engine is verl's ``MegatronEngineWithLMHead`` unchanged. With ``rl`` it:
+
+1. installs the RL postprocess (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own MTP patch;
+2. in the logits processor, scores each head's targets (main labels shifted left by ``k`` inside each
+   packed sequence) under the main head's temperature, so verl unpacks the per-head log-probs exactly like
+   the main ones (TP padding, context-parallel gather);
+3. shifts the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
+4. adds the OCC-scaled MTP policy term to verl's actor loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
+from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
+from verl_mtp.trainer.ppo.mtp_occ import OCCState
+from verl_mtp.workers.config.mtp import MtpRLConfig
+from verl_mtp.workers.utils.losses import with_mtp_policy_loss
+
+__all__ = ["MegatronMTPEngineWithLMHead"]
+
+
+class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
+    @property
+    def mtp_rl(self) -> bool:
+        mtp = self.model_config.mtp
+        return isinstance(mtp, MtpRLConfig) and mtp.is_rl
+
+    def initialize(self):
+        self._check_mtp_rl_layout()
+        super().initialize()
+        if self.mtp_rl:
+            self.occ_state = OCCState(self.model_config.mtp.occ)
+            for module in self.module:
+                patch_postprocess_rl(module, train_lm_head=self.model_config.mtp.train_lm_head)
+
+    def _check_mtp_rl_layout(self):
+        if not self.mtp_rl:
+            return
+        cfg = self.engine_config
+        unsupported = {
+            "context_parallel_size > 1": cfg.context_parallel_size > 1,
+            "dynamic_context_parallel": bool(getattr(cfg, "dynamic_context_parallel", False)),
+            "use_fused_kernels": bool(getattr(cfg, "use_fused_kernels", False)),
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise NotImplementedError(
+                f"actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support {', '.join(bad)} yet "
+                "(actor.megatron.*); switch it off or use mtp_loss_type=detach. See docs/mtp_rl.md."
+            )
+
+    def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):
+        # The logits processor needs the model that just ran, to collect its MTP heads' hidden states.
+        self._mtp_model = model
+        return super().forward_step(batch_iter, model, logits_processor_func, postprocess_micro_batch_func)
+
+    def _lm_head_logits_processor(self, logits, label, temperature, *, batch, data_format, **kwargs):
+        ret = super()._lm_head_logits_processor(
+            logits, label, temperature, batch=batch, data_format=data_format, **kwargs
+        )
+        mtp_output = pop_mtp_rl_output(self._mtp_model) if self.mtp_rl else None
+        if mtp_output is None:
+            return ret
+        starts, lengths = self._packed_layout(batch, mtp_output, label)
+        ret.update(score_mtp_heads(mtp_output, label, temperature, starts, lengths))
+        return ret
+
+    def _packed_layout(self, batch, mtp_output, label) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start slot and true length of every sequence in the flattened (packed or padded) label buffer."""
+        lengths = batch["input_ids"].offsets().diff().to(label.device)
+        params = mtp_output.packed_seq_params
+        if params is not None:  # THD: sequences at the padded offsets, TP/CP alignment padding in between
+            return params.cu_seqlens_q_padded[:-1].to(label.device), lengths
+        row = label.shape[-1]  # BSHD: one sequence per row, left-aligned
+        return torch.arange(label.shape[0], device=label.device) * row, lengths
+
+    def prepare_model_outputs(self, output: dict, data):
+        output = super().prepare_model_outputs(output, data)
+        return align_mtp_outputs(output) if self.mtp_rl else output
+
+    def postprocess_micro_batch_func(self, output, data, forward_only: bool, loss_function, local_cp_size=None):
+        if self.mtp_rl and loss_function is not None and not forward_only:
+            loss_function = with_mtp_policy_loss(loss_function, self.model_config.mtp, self.occ_state)
+        return super().postprocess_micro_batch_func(
+            output, data, forward_only=forward_only, loss_function=loss_function, local_cp_size=local_cp_size
+        )
