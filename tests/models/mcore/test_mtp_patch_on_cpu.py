@@ -46,9 +46,10 @@ def naive_head_log_probs(model, seq: torch.Tensor, temperature: float) -> dict[i
     return out
 
 
-def rl_model(k, train_lm_head=False, **kw):
+def rl_model(k, train_lm_head=False, chunk=0, **kw):
     model = build_tiny_gpt(k, vocab_size=VOCAB, **kw)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head))
+    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    apply_regime(model, cfg)
     return model
 
 
@@ -56,7 +57,7 @@ def apply_regime(model, mtp_config):
     """What the engine does at start-up: verl's own MTP patch, then ours for ``rl``."""
     patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config))
     if mtp_config.is_rl:
-        patch_postprocess_rl(model, train_lm_head=mtp_config.train_lm_head)
+        patch_postprocess_rl(model, mtp_config.train_lm_head, mtp_config.logprob_chunk_size)
 
 
 def main_labels(ids, lengths):
@@ -105,9 +106,10 @@ def assert_matches_naive(model, seqs, aligned, temperature):
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_bshd_head_log_probs_equal_naive(k, temperature):
+@pytest.mark.parametrize("chunk", [0, 5], ids=["output_layer", "chunked"])
+def test_bshd_head_log_probs_equal_naive(k, temperature, chunk):
     torch.manual_seed(k)
-    model = rl_model(k)
+    model = rl_model(k, chunk=chunk)
     seqs = [torch.randint(1, VOCAB, (n,)) for n in (9, 5, 12)]
     logits, aligned = rl_forward_bshd(model, seqs, temperature)
     assert logits.shape == (3, 12, VOCAB)
@@ -115,10 +117,11 @@ def test_bshd_head_log_probs_equal_naive(k, temperature):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_packed_thd_head_log_probs_equal_each_sequence_alone(k):
+@pytest.mark.parametrize("chunk", [0, 8], ids=["output_layer", "chunked"])
+def test_packed_thd_head_log_probs_equal_each_sequence_alone(k, chunk):
     """Packed with TP-style alignment padding between sequences, as verl's preprocess_thd_engine lays it out."""
     torch.manual_seed(10 + k)
-    model = rl_model(k, packed_attention=True)
+    model = rl_model(k, packed_attention=True, chunk=chunk)
     seqs = [torch.randint(1, VOCAB, (n,)) for n in (7, 3, 10, 1, 6)]
     align = 4
     lengths = [len(s) for s in seqs]
@@ -194,18 +197,24 @@ def mtp_only_loss_ce(model, seqs):
     return (logits * 0).sum()
 
 
+_TRUNK_AND_HEADS = {"embedding": True, "decoder": True, "mtp": True, "output_layer": False}
+
+
 @pytest.mark.parametrize(
-    "regime, train_lm_head, expected",
+    "regime, train_lm_head, chunk, expected",
     [
-        ("detach", False, {"embedding": False, "decoder": False, "mtp": True, "output_layer": False}),
-        ("ce", False, {"embedding": True, "decoder": True, "mtp": True, "output_layer": False}),
-        ("rl", False, {"embedding": True, "decoder": True, "mtp": True, "output_layer": False}),
-        ("rl", True, {"embedding": True, "decoder": True, "mtp": True, "output_layer": True}),
+        ("detach", False, 0, {"embedding": False, "decoder": False, "mtp": True, "output_layer": False}),
+        ("ce", False, 0, _TRUNK_AND_HEADS),
+        ("rl", False, 0, _TRUNK_AND_HEADS),
+        ("rl", False, 4, _TRUNK_AND_HEADS),
+        ("rl", True, 0, {**_TRUNK_AND_HEADS, "output_layer": True}),
+        ("rl", True, 4, {**_TRUNK_AND_HEADS, "output_layer": True}),
     ],
 )
-def test_gradient_routing_per_regime(regime, train_lm_head, expected):
+def test_gradient_routing_per_regime(regime, train_lm_head, chunk, expected):
     model = build_tiny_gpt(2, vocab_size=VOCAB)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type=regime, train_lm_head=train_lm_head))
+    cfg = MtpRLConfig(enable=True, mtp_loss_type=regime, train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    apply_regime(model, cfg)
     seqs = [torch.randint(1, VOCAB, (8,)) for _ in range(2)]
     loss = mtp_only_loss_rl(model, seqs) if regime == "rl" else mtp_only_loss_ce(model, seqs)
     assert grads_by_part(model, loss) == expected

@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys, shift_packed
+from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
 __all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
 
@@ -42,18 +43,21 @@ class MTPRLOutput:
     runtime_gather_output: bool | None
     train_lm_head: bool
     packed_seq_params: object | None  # THD layout (padded cu_seqlens) of this micro-batch; None for BSHD
+    logprob_chunk_size: int  # > 0: chunked log-probs, no full-vocabulary logits kept; 0: via the output layer
 
     @property
     def num_heads(self) -> int:
         return len(self.hidden_states)
 
-    def head_logits(self, k: int) -> torch.Tensor:
-        """Depth ``k`` logits ``[s, b, v/tp]`` through the shared output layer (weights detached unless trained)."""
+    def head_weight(self) -> torch.Tensor:
+        """The shared output-layer weight shard ``[V/tp, h]``, detached unless the MTP loss may train it."""
         weight = self.output_weight if self.output_weight is not None else self.output_layer.weight
-        if not self.train_lm_head:
-            weight = weight.detach()
+        return weight if self.train_lm_head else weight.detach()
+
+    def head_logits(self, k: int) -> torch.Tensor:
+        """Depth ``k`` logits ``[s, b, v/tp]`` through the shared output layer."""
         logits, _ = self.output_layer(
-            self.hidden_states[k - 1], weight=weight, runtime_gather_output=self.runtime_gather_output
+            self.hidden_states[k - 1], weight=self.head_weight(), runtime_gather_output=self.runtime_gather_output
         )
         return logits
 
@@ -69,6 +73,16 @@ def mtp_token_log_probs(
     what autograd saves for the backward pass.
     """
     labels_sb = labels.t().contiguous()
+    if mtp_output.logprob_chunk_size > 0:
+        log_probs, top1 = chunked_token_log_probs(
+            mtp_output.hidden_states[k - 1],
+            mtp_output.head_weight(),
+            labels_sb,
+            temperature.t(),
+            mtp_output.logprob_chunk_size,
+            sequence_parallel=mtp_output.output_layer.sequence_parallel,
+        )
+        return log_probs.t(), (top1 == labels_sb).t()
     logits = mtp_output.head_logits(k)
     logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
@@ -128,7 +142,7 @@ def pop_mtp_rl_output(model: torch.nn.Module) -> MTPRLOutput | None:
     return gpt.__dict__.pop(_OUTPUT_ATTR, None)
 
 
-def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False) -> None:
+def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False, logprob_chunk_size: int = 0) -> None:
     """Install the RL postprocess on ``model``'s GPTModel; the postprocess in place (verl's) stays as fallback.
 
     Raises when the model has no MTP layers: ``mtp_loss_type=rl`` would otherwise train nothing.
@@ -144,7 +158,12 @@ def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False) ->
         )
     if getattr(gpt, "_verl_mtp_fallback_postprocess", None) is None:
         gpt._verl_mtp_fallback_postprocess = gpt._postprocess
+    if logprob_chunk_size > 0 and getattr(gpt.output_layer, "bias", None) is not None:
+        raise NotImplementedError(
+            "actor_rollout_ref.model.mtp.logprob_chunk_size > 0 needs an output layer without bias; set it to 0"
+        )
     gpt._verl_mtp_train_lm_head = train_lm_head
+    gpt._verl_mtp_logprob_chunk_size = logprob_chunk_size
     gpt._postprocess = _megatron_gptmodel_postprocess_rl.__get__(gpt, gpt.__class__)
 
 
@@ -236,6 +255,7 @@ def _megatron_gptmodel_postprocess_rl(
         runtime_gather_output=runtime_gather_output,
         train_lm_head=self._verl_mtp_train_lm_head,
         packed_seq_params=packed_seq_params,
+        logprob_chunk_size=self._verl_mtp_logprob_chunk_size,
     )
     logits, _ = self.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
     return logits.transpose(0, 1).contiguous()

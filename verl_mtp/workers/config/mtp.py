@@ -68,10 +68,14 @@ class MtpRLConfig(MtpConfig):
 
     train_lm_head: whether the MTP policy loss may update the shared output layer (``rl`` only). Default
         False, as verl's MTP losses never update it: the main head's distribution stays the policy's own.
+    logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl`` only):
+        the full-vocabulary logits of a head are never kept for the backward pass, only recomputed per
+        chunk. 0 runs the head through Megatron's output layer and keeps its logits (more memory).
     """
 
     mtp_loss_type: Optional[str] = None
     train_lm_head: bool = False
+    logprob_chunk_size: int = 1024
     occ: OCCConfig = field(default_factory=OCCConfig)
 
     def __post_init__(self):
@@ -104,6 +108,10 @@ class MtpRLConfig(MtpConfig):
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={kind} (which trains "
                 "the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
+            )
+        if self.logprob_chunk_size < 0:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {self.logprob_chunk_size}"
             )
         if self.train_lm_head and kind != "rl":
             raise ValueError(

@@ -36,7 +36,11 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         if self.mtp_rl:
             self.occ_state = OCCState(self.model_config.mtp.occ)
             for module in self.module:
-                patch_postprocess_rl(module, train_lm_head=self.model_config.mtp.train_lm_head)
+                patch_postprocess_rl(
+                    module,
+                    train_lm_head=self.model_config.mtp.train_lm_head,
+                    logprob_chunk_size=self.model_config.mtp.logprob_chunk_size,
+                )
 
     def _check_mtp_rl_layout(self):
         if not self.mtp_rl:

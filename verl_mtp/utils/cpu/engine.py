@@ -1,0 +1,70 @@
+"""CPU variant of whatever Megatron engine verl (or verl_mtp) registered, for ``EngineRegistry`` device ``cpu``.
+
+verl registers its Megatron engines for device ``"cuda"`` only (``@EngineRegistry.register(..., backend=
+"megatron")``, default ``device="cuda"``; verl/workers/engine/megatron/transformer_impl.py:1171/1504), so
+``EngineRegistry.get_engine_cls`` raises "No engine registered for device='cpu'". The CPU entry is a subclass
+of the registered engine (verl_mtp's MTP engine once ``verl_mtp.plugin`` has run) that replaces only the
+optimizer (:class:`~verl_mtp.utils.cpu.optimizer.CPUMixedPrecisionOptimizer`) and runs its entry points inside
+:class:`~verl_mtp.utils.cpu.device_redirect.CudaToCPUMode` (Megatron-Core's literal ``device="cuda"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_cache: dict[type, type] = {}
+
+
+class CPUMegatronEngineMixin:
+    def _build_optimizer(self):
+        from verl.utils.megatron.optimizer import init_megatron_optim_config
+        from verl.utils.megatron_utils import register_megatron_training_hooks
+
+        from verl_mtp.utils.cpu.optimizer import CPUMixedPrecisionOptimizer
+
+        config = init_megatron_optim_config(
+            self.optimizer_config,
+            use_distributed_optimizer=False,
+            fp16=self.param_dtype == torch.float16,
+            bf16=self.param_dtype == torch.bfloat16,
+        )
+        optimizer = CPUMixedPrecisionOptimizer(self.module, config)
+        register_megatron_training_hooks(self.module, optimizer)
+        return optimizer
+
+
+# Engine methods that reach Megatron-Core and so run inside CudaToCPUMode.
+_REDIRECTED = (
+    "initialize", "train_batch", "infer_batch", "forward_backward_batch", "forward_step", "optimizer_step",
+    "optimizer_zero_grad", "lr_scheduler_step", "to", "save_checkpoint", "load_checkpoint",
+    "get_per_tensor_param",
+)
+
+
+def make_cpu_engine(base: type) -> type:
+    from verl_mtp.utils.cpu.device_redirect import on_cpu
+
+    if issubclass(base, CPUMegatronEngineMixin):
+        return base
+    if base not in _cache:
+        ns = {"__module__": __name__}
+        for name in _REDIRECTED:
+            fn = getattr(base, name, None)
+            if callable(fn):
+                ns[name] = on_cpu(fn)
+        ns["_build_optimizer"] = CPUMegatronEngineMixin._build_optimizer
+        _cache[base] = type(f"CPU{base.__name__}", (CPUMegatronEngineMixin, base), ns)
+    return _cache[base]
+
+
+def register_cpu_engines() -> None:
+    """Point ``EngineRegistry[model_type]["megatron"]["cpu"]`` at the CPU variant of the ``cuda`` engine."""
+    from verl.workers.engine.base import EngineRegistry
+
+    for backends in EngineRegistry._engines.values():
+        megatron = backends.get("megatron")
+        if not megatron:
+            continue
+        src = megatron.get("cuda") or megatron.get(("cuda", "nvidia"))
+        if src is not None:
+            megatron["cpu"] = make_cpu_engine(src)
