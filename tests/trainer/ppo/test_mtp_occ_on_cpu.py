@@ -97,3 +97,12 @@ def test_max_abs_lambda_bounds_lambda():
     state = OCCState(OCCConfig(enable=True, max_abs_lambda=0.5))
     lam, _ = state.resolve(1, occ_statistics(big, mtp_lp, old, mask))
     assert abs(float(lam)) <= 0.5
+
+
+def test_state_round_trips_for_checkpoints():
+    lp, mtp_lp, old, mask = random_inputs(6)
+    state = OCCState(OCCConfig(enable=True, carry_last_lambda=True))
+    state.resolve(2, occ_statistics(lp, mtp_lp, old, mask))
+    restored = OCCState(OCCConfig(enable=True, carry_last_lambda=True))
+    restored.load_state_dict(state.state_dict())
+    assert restored.last_lambda == state.last_lambda and 2 in restored.last_lambda

@@ -94,3 +94,9 @@ class OCCState:
             self.last_lambda[head] = float(lam)
             return lam, True
         return lam.new_tensor(self.last_lambda.get(head, cfg.initial_lambda)), False
+
+    def state_dict(self) -> dict:
+        return {"last_lambda": {str(k): v for k, v in self.last_lambda.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_lambda = {int(k): float(v) for k, v in state.get("last_lambda", {}).items()}

@@ -41,7 +41,7 @@ def _set_env():
 def default_overrides(model_path: str, batch: int) -> list[str]:
     return [
         f"actor_rollout_ref.model.path={model_path}",
-        "actor_rollout_ref.model.use_remove_padding=False",  # local attention has no THD (packed) support
+        "actor_rollout_ref.model.use_remove_padding=True",  # THD (verl default); False = BSHD, both work on CPU
         "actor_rollout_ref.actor.megatron.dtype=bfloat16",  # verl asserts bf16|fp16 (workers/config/engine.py:218)
         "actor_rollout_ref.actor.megatron.use_mbridge=True",
         "actor_rollout_ref.actor.megatron.vanilla_mbridge=True",

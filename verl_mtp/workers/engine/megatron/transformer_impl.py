@@ -12,6 +12,9 @@ For every other setting this engine is verl's ``MegatronEngineWithLMHead`` uncha
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
@@ -86,6 +89,24 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
     def prepare_model_outputs(self, output: dict, data):
         output = super().prepare_model_outputs(output, data)
         return align_mtp_outputs(output) if self.mtp_rl else output
+
+    def _occ_state_path(self, local_path: str) -> str:
+        return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
+
+    def save_checkpoint(self, local_path: str, *args, **kwargs) -> None:
+        """verl's checkpoint (MTP weights are part of the Megatron model state) plus this rank's OCC state."""
+        super().save_checkpoint(local_path, *args, **kwargs)
+        if self.mtp_rl:
+            os.makedirs(local_path, exist_ok=True)
+            with open(self._occ_state_path(local_path), "w") as f:
+                json.dump(self.occ_state.state_dict(), f)
+
+    def load_checkpoint(self, local_path: str, *args, **kwargs) -> None:
+        occ_path = self._occ_state_path(local_path) if self.mtp_rl else None
+        if occ_path and os.path.exists(occ_path):  # read first: verl may delete the local copy after loading
+            with open(occ_path) as f:
+                self.occ_state.load_state_dict(json.load(f))
+        super().load_checkpoint(local_path, *args, **kwargs)
 
     def postprocess_micro_batch_func(self, output, data, forward_only: bool, loss_function, local_cp_size=None):
         if self.mtp_rl and loss_function is not None and not forward_only:
