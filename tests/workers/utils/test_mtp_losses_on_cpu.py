@@ -209,7 +209,7 @@ def test_metrics_are_reported_per_head():
         model_output=out, data=data
     )
     for k in (1, 2):
-        for name in ("lambda", "occ_numerator", "occ_denominator", "dmtp_mean", "top1_agreement", "pg_loss",
+        for name in ("lambda", "occ_cross_sum", "occ_dmtp_sq_sum", "dmtp_mean", "top1_agreement", "pg_loss",
                      "pg_clipfrac"):
             assert f"actor/mtp_{k}/{name}" in metrics, name
     assert isinstance(metrics["actor/mtp_pg_loss"], Metric)

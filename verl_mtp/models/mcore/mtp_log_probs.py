@@ -98,11 +98,14 @@ def chunked_token_log_probs(
     hidden: ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallel), weight: this rank's vocabulary shard
     ``[V/tp, h]``, labels / temperature: ``[s, b]``. Returns fp32 log-probs and long top-1 ids, ``[s, b]``.
     """
-    if sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
     tp = mpu.get_tensor_model_parallel_world_size()
     group = mpu.get_tensor_model_parallel_group() if tp > 1 else None
-    if tp > 1:
+    # Each rank's input gradient is only its vocabulary shard's part: the ranks' parts must be summed exactly
+    # once, as Megatron's ColumnParallelLinear does: reduce-scatter (sequence parallel: the backward of the
+    # all-gather) or all-reduce. Both would sum twice, a gradient tp times too large.
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    elif tp > 1:
         hidden = copy_to_tensor_model_parallel_region(hidden)
     vocab_start = mpu.get_tensor_model_parallel_rank() * weight.shape[0]
     s, b, h = hidden.shape

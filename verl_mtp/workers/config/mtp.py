@@ -33,7 +33,7 @@ class OCCConfig(BaseConfig):
     Paper settings: ``lambda_plus``, ``eps``. Ours (off or neutral by default, documented in docs/mtp_rl.md):
 
     scope: ``micro_batch`` sums over the micro-batch's response tokens; ``data_parallel`` all-reduces the
-        two sums over the data-parallel group first (one collective of 2 floats per head and micro-batch).
+        OCC sums over the data-parallel group first (one collective of 5 floats per head and micro-batch).
     carry_last_lambda: when a micro-batch carries no signal (mean |dRL| <= ``uninformative_drl``, e.g. the
         first mini-batch of a step, where log pi == log pi_old and the paper's lambda is 0) use the last
         informative lambda of that head instead (``initial_lambda`` before there is one).

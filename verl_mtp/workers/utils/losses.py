@@ -100,19 +100,20 @@ def mtp_policy_loss(
         total = total + head_loss
         top1 = no_padding_2_padding(model_output[top1_key], data).to(torch.float32)
         count = mask.sum().clamp_min(1)
+        scalars = {  # one device->host copy for all of them, below
+            "lambda": coef.detach().float(),
+            "lambda_informative": torch.tensor(float(informative)),
+            # names must not contain "min"/"max": verl reduces such metrics with min/max across mini-batches
+            "occ_cross_sum": stats.numerator,
+            "occ_dmtp_sq_sum": stats.denominator,
+            "dmtp_mean": stats.dmtp_sum / stats.count.clamp_min(1),
+            "top1_agreement": (top1 * mask).sum() / count,
+            "nonfinite_tokens": (response_mask & valid & ~finite).sum(),
+        }
+        values = torch.stack([v.detach().to(torch.float64).cpu() for v in scalars.values()]).tolist()
         prefix = f"actor/mtp_{k}"
-        metrics.update(
-            {
-                f"{prefix}/lambda": float(coef),
-                f"{prefix}/lambda_informative": float(informative),
-                f"{prefix}/occ_numerator": float(stats.numerator),
-                f"{prefix}/occ_denominator": float(stats.denominator),
-                f"{prefix}/dmtp_mean": float(stats.dmtp_sum / stats.count.clamp_min(1)),
-                f"{prefix}/top1_agreement": float((top1 * mask).sum() / count),
-                f"{prefix}/nonfinite_tokens": float((response_mask & valid & ~finite).sum()),
-                f"{prefix}/pg_loss": Metric(value=head_loss.detach(), aggregation=loss_aggregation),
-            }
-        )
+        metrics.update({f"{prefix}/{name}": value for name, value in zip(scalars, values, strict=True)})
+        metrics[f"{prefix}/pg_loss"] = Metric(value=head_loss.detach(), aggregation=loss_aggregation)
         for name, value in head_metrics.items():
             metrics[f"{prefix}/{name.split('/')[-1]}"] = Metric(value=value, aggregation=AggregationType.MEAN)
     metrics["actor/mtp_pg_loss"] = Metric(value=total.detach(), aggregation=loss_aggregation)

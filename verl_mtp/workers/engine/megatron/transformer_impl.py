@@ -52,7 +52,6 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         unsupported = {
             "context_parallel_size > 1": cfg.context_parallel_size > 1,
             "dynamic_context_parallel": bool(getattr(cfg, "dynamic_context_parallel", False)),
-            "use_fused_kernels": bool(getattr(cfg, "use_fused_kernels", False)),
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:

@@ -1,0 +1,403 @@
+"""The recipe/mtp_rl launch scripts compose the configs they claim to, for every MTP_MODE, with no GPU.
+
+Every script runs under bash with ``DRY_RUN=1`` for every ``MTP_MODE``. A real dry run (Hydra's
+``--cfg job --resolve`` on ``python -m verl_mtp.trainer.main_ppo``) imports verl, torch and Megatron: 7-15 s of
+CPU each, too much for 3 scripts x 4 modes in a unit test. So:
+
+* every (script, mode) runs through bash with a ``python3`` stub on ``PATH`` that records the launch line; the
+  recorded Hydra overrides are composed in-process (the same config module and overrides the entry point uses)
+  and resolved;
+* one real dry run per script (in parallel) checks the printed YAML is exactly that composition, so what the
+  stub-based tests check is what ``DRY_RUN=1`` prints.
+
+The configs are checked for the MTP regime, the algorithm (policy loss, clipping, batch sizes, lr, lengths, DAPO's
+overlong buffer and dynamic sampling), the parallel layout, paths, and verl's own ``validate_config``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE_DIR = REPO / "recipe" / "mtp_rl"
+MODES = ("detach", "ce", "rl", "rl_occ")
+DRY_RUN_TIMEOUT_S = 300
+ENTRY = ["-m", "verl_mtp.trainer.main_ppo", "--cfg", "job", "--resolve"]
+# One real (printing) dry run per script, each in a different mode.
+REAL_RUNS = {"run_mimo_7b_rl_dapo.sh": "rl_occ", "run_mimo_7b_rl_gspo.sh": "rl", "run_glm45_air_dapo.sh": "detach"}
+
+# Everything the scripts read from the environment: cleared so the test sees the scripts' own defaults.
+RECIPE_ENV = (
+    "MTP_MODE MTP_COEF OCC_LAMBDA_PLUS OCC_SCOPE OCC_CARRY_LAST_LAMBDA OCC_INITIAL_LAMBDA SPEC_DECODE "
+    "SPEC_NUM_TOKENS DRY_RUN PROJECT_NAME EXP_NAME NNODES GPUS_PER_NODE DATA_HOME MODEL_PATH TRAIN_FILE VAL_FILE "
+    "CKPTS_DIR MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH OVERLONG_BUFFER_LEN OVERLONG_PENALTY_FACTOR TRAIN_PROMPT_BSZ "
+    "N_RESP_PER_PROMPT TRAIN_PROMPT_MINI_BSZ LR CLIP_RATIO_LOW CLIP_RATIO_HIGH CLIP_RATIO_C LOSS_AGG_MODE "
+    "FILTER_GROUPS FILTER_GROUPS_METRIC FILTER_MAX_INFLIGHT TOTAL_STEPS TEMPERATURE VAL_TOP_P VAL_N TRAIN_TP "
+    "TRAIN_PP TRAIN_CP TRAIN_EP TRAIN_ETP GEN_TP OFFLOAD VANILLA_MBRIDGE LOGGER"
+).split()
+
+# What each script must compose to (besides the MTP block, checked per mode).
+EXPECTED = {
+    "run_mimo_7b_rl_dapo.sh": dict(
+        model="MiMo-7B-RL",
+        loss_mode="vanilla",
+        loss_agg_mode="token-mean",
+        clip=(0.2, 0.28, 10.0),
+        filter_groups=True,
+        nnodes=16,
+        layout=dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=1),
+    ),
+    "run_mimo_7b_rl_gspo.sh": dict(
+        model="MiMo-7B-RL",
+        loss_mode="gspo",
+        loss_agg_mode="seq-mean-token-mean",
+        clip=(3e-4, 4e-4, 10.0),
+        filter_groups=False,
+        nnodes=16,
+        layout=dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=1),
+    ),
+    "run_glm45_air_dapo.sh": dict(
+        model="GLM-4.5-Air",
+        loss_mode="vanilla",
+        loss_agg_mode="token-mean",
+        clip=(0.2, 0.28, 10.0),
+        filter_groups=True,
+        nnodes=32,
+        layout=dict(
+            tensor_model_parallel_size=4,
+            pipeline_model_parallel_size=2,
+            context_parallel_size=1,
+            expert_model_parallel_size=8,
+            expert_tensor_parallel_size=1,
+        ),
+    ),
+}
+SCRIPTS = tuple(EXPECTED)
+
+# MTP_MODE -> (mtp_loss_type, detach_encoder, occ.enable)
+MODE_TABLE = {
+    "detach": ("detach", True, False),
+    "ce": ("ce", False, False),
+    "rl": ("rl", False, False),
+    "rl_occ": ("rl", False, True),
+}
+
+# One extra run of the DAPO script with every knob moved away from its default.
+CUSTOM_ENV = {
+    "MTP_MODE": "detach",
+    "MTP_COEF": "0.2",
+    "SPEC_DECODE": "1",
+    "SPEC_NUM_TOKENS": "2",
+    "TRAIN_CP": "2",  # allowed for detach; only the rl regime refuses CP > 1
+    "NNODES": "4",
+    "GPUS_PER_NODE": "8",
+    "MODEL_PATH": "/models/custom-mimo",
+    "TRAIN_FILE": "/data/custom-train.parquet",
+    "VAL_FILE": "/data/custom-val.parquet",
+    "CKPTS_DIR": "/ckpts/custom",
+}
+CUSTOM_ARGS = ("trainer.total_training_steps=7", "actor_rollout_ref.actor.optim.lr=3e-6")
+
+
+STUB = """#!/usr/bin/env bash
+# Test stub for python3: record the arguments (NUL-separated) and print nothing.
+printf '%s\\0' "$@" > "${VERL_MTP_TEST_ARGV:?}"
+"""
+
+
+def _env(home: Path, path_first: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in RECIPE_ENV}
+    # The scripts call `python3`: make it this interpreter (the one with verl and verl_mtp installed),
+    # or the recording stub.
+    first = path_first if path_first is not None else Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join([str(first), env.get("PATH", "")])
+    env["HOME"] = str(home)
+    env["DRY_RUN"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(script: str, home: Path, args=(), path_first: Path | None = None, **extra: str):
+    return subprocess.run(
+        ["bash", str(RECIPE_DIR / script), *args],
+        env=_env(home, path_first, **extra),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=DRY_RUN_TIMEOUT_S,
+    )
+
+
+def _compose(overrides: list[str]):
+    """What ``python -m verl_mtp.trainer.main_ppo --cfg job --resolve <overrides>`` prints, built in-process."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
+        cfg = compose(config_name="mtp_ppo_megatron_trainer", overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def launch_lines(home, tmp_path_factory):
+    """Hydra overrides each script passes to the entry point: ``{(script, mode): [...]}`` plus ``"custom"``."""
+    stub_dir = tmp_path_factory.mktemp("stub_bin")
+    stub = stub_dir / "python3"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    jobs = {(script, mode): (script, (), {"MTP_MODE": mode}) for script in SCRIPTS for mode in MODES}
+    jobs["custom"] = ("run_mimo_7b_rl_dapo.sh", CUSTOM_ARGS, CUSTOM_ENV)
+    lines = {}
+    for i, (key, (script, args, env)) in enumerate(jobs.items()):
+        argv_file = stub_dir / f"argv_{i}"
+        proc = _run(script, home, args, path_first=stub_dir, VERL_MTP_TEST_ARGV=str(argv_file), **env)
+        assert proc.returncode == 0, f"{key} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+        argv = argv_file.read_bytes().decode().split("\0")[:-1]
+        assert argv[: len(ENTRY)] == ENTRY, argv[:8]
+        lines[key] = argv[len(ENTRY) :]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def dry_runs(launch_lines):
+    """Resolved configs ``{(script, mode): cfg}`` plus ``"custom"``, composed from the recorded launch lines."""
+    return {key: _compose(overrides) for key, overrides in launch_lines.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_dry_runs(request, home):
+    """Start the real ``DRY_RUN=1`` runs (``REAL_RUNS``) at module start, so they overlap with the other tests.
+
+    Only when a selected test reads them. Each run gets its own process group (bash and its python child),
+    which is killed if the run is still going when the module ends.
+    """
+    if not any("printed" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield {}
+        return
+    procs = {
+        script: subprocess.Popen(
+            ["bash", str(RECIPE_DIR / script)],
+            env=_env(home, MTP_MODE=mode),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for script, mode in REAL_RUNS.items()
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def printed(_real_dry_runs):
+    """Real ``DRY_RUN=1`` output of one mode per script: ``{script: CompletedProcess}``."""
+    out = {}
+    for script, proc in _real_dry_runs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=DRY_RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        out[script] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+def _get(cfg, key):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+# ----------------------------------------------------------------------------------------- the scripts
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_shape(script):
+    text = (RECIPE_DIR / script).read_text()
+    assert "set -xeuo pipefail" in text
+    assert re.search(r'source "\$\{SCRIPT_DIR\}/common.sh"', text)
+    assert len(re.findall(r"python3 -m verl_mtp\.trainer\.main_ppo", text)) == 1
+    # The MTP_MODE -> overrides mapping lives in common.sh only.
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "model.mtp." not in code and "mtp_loss_type" not in code
+    assert os.access(RECIPE_DIR / script, os.X_OK)
+    subprocess.run(["bash", "-n", str(RECIPE_DIR / script)], check=True)
+
+
+def test_common_is_valid_bash():
+    subprocess.run(["bash", "-n", str(RECIPE_DIR / "common.sh")], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_mode_fails_before_python(script, home):
+    proc = _run(script, home, MTP_MODE="policy")
+    assert proc.returncode == 2
+    assert "MTP_MODE=policy is unknown" in proc.stderr
+    assert "verl_mtp.trainer.main_ppo" not in proc.stderr  # stopped before the launch line
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("mode", ["rl", "rl_occ"])
+def test_rl_regime_refuses_context_parallel_early(mode, home):
+    proc = _run("run_mimo_7b_rl_dapo.sh", home, MTP_MODE=mode, TRAIN_CP="2")
+    assert proc.returncode == 2
+    assert "context_parallel_size=2" in proc.stderr and "docs/mtp_rl.md" in proc.stderr
+    assert "verl_mtp.trainer.main_ppo" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- printed configs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_prints_the_resolved_config(printed, dry_runs, script):
+    proc = printed[script]
+    assert proc.returncode == 0, f"DRY_RUN=1 {script} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    # stdout is the YAML and nothing else: bash's trace and every log line go to stderr.
+    cfg = OmegaConf.create(proc.stdout)
+    assert "${" not in proc.stdout  # resolved
+    assert "hydra" not in cfg  # the job config only
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(dry_runs[(script, REAL_RUNS[script])])
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mtp_mode(dry_runs, script, mode):
+    cfg = dry_runs[(script, mode)]
+    mtp = cfg.actor_rollout_ref.model.mtp
+    loss_type, detach_encoder, occ_enable = MODE_TABLE[mode]
+    assert mtp.enable is True and mtp.enable_train is True
+    assert mtp.mtp_loss_type == loss_type
+    assert mtp.detach_encoder is detach_encoder
+    assert mtp.occ.enable is occ_enable
+    assert mtp.occ.lambda_plus == pytest.approx(1.0)
+    assert mtp.mtp_loss_scaling_factor == pytest.approx(0.1)  # MTP_COEF default
+    assert mtp.train_lm_head is False
+    assert mtp.enable_rollout is False  # speculative decoding is opt-in
+    # The rollout reads the same block (resolved interpolation).
+    assert OmegaConf.to_container(cfg.actor_rollout_ref.rollout.mtp) == OmegaConf.to_container(mtp)
+    assert mode.replace("_", "-") in cfg.trainer.experiment_name
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mtp_block_builds_the_dataclass(dry_runs, script, mode):
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl_mtp.workers.config import MtpRLConfig
+
+    mtp = omega_conf_to_dataclass(dry_runs[(script, mode)].actor_rollout_ref.model.mtp)
+    assert type(mtp) is MtpRLConfig
+    assert mtp.is_rl is (MODE_TABLE[mode][0] == "rl")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_modes_differ_only_in_the_mtp_block(dry_runs, script):
+    def strip(cfg):
+        c = OmegaConf.to_container(cfg)
+        del c["actor_rollout_ref"]["model"]["mtp"], c["actor_rollout_ref"]["rollout"]["mtp"]
+        del c["trainer"]["experiment_name"], c["trainer"]["default_local_dir"]
+        del c["actor_rollout_ref"]["rollout"]["trace"]["experiment_name"]  # interpolates the trainer's
+        return c
+
+    base = strip(dry_runs[(script, MODES[0])])
+    for mode in MODES[1:]:
+        assert strip(dry_runs[(script, mode)]) == base, mode
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_algorithm_settings(dry_runs, script):
+    want = EXPECTED[script]
+    cfg = dry_runs[(script, "rl_occ")]
+    actor = cfg.actor_rollout_ref.actor
+    low, high, c = want["clip"]
+    assert actor.strategy == "megatron"
+    assert actor.policy_loss.loss_mode == want["loss_mode"]
+    assert actor.loss_agg_mode == want["loss_agg_mode"]
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == pytest.approx((low, high, c))
+    assert actor.optim.lr == pytest.approx(1e-6)
+    assert actor.ppo_mini_batch_size == 32
+    assert actor.entropy_coeff == 0 and actor.use_kl_loss is False
+    assert cfg.data.train_batch_size == 128
+    assert cfg.actor_rollout_ref.rollout.n == 16
+    assert cfg.data.max_prompt_length == 2048
+    assert cfg.data.max_response_length == 8192
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.algorithm.use_kl_in_reward is False
+    assert cfg.critic.enable is False
+    # DAPO reward: overlong buffer of 4k inside the 8k budget.
+    assert cfg.reward.reward_manager.name == "dapo"
+    overlong = cfg.reward.reward_kwargs.overlong_buffer_cfg
+    assert overlong.enable is True and overlong.len == 4096 and overlong.penalty_factor == pytest.approx(1.0)
+    assert cfg.reward.reward_kwargs.max_resp_len == 8192
+    # Dynamic sampling the way verl 0.9.1's trainer does it.
+    assert cfg.algorithm.filter_groups.enable is want["filter_groups"]
+    assert cfg.algorithm.filter_groups.metric == "acc"
+    assert cfg.trainer.total_training_steps == 200
+    val = cfg.actor_rollout_ref.rollout.val_kwargs
+    assert val.n == 32 and val.do_sample is True
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_layout_and_paths(dry_runs, script, home):
+    want = EXPECTED[script]
+    cfg = dry_runs[(script, "rl")]
+    for role in ("actor", "ref"):
+        megatron = cfg.actor_rollout_ref[role].megatron
+        for key, value in want["layout"].items():
+            assert megatron[key] == value, (role, key)
+    megatron = cfg.actor_rollout_ref.actor.megatron
+    assert megatron.use_mbridge is True
+    assert cfg.actor_rollout_ref.model.use_fused_kernels is False  # verl turns them off with MTP anyway
+    assert megatron.dynamic_context_parallel is False  # unsupported by the rl regime
+    assert cfg.actor_rollout_ref.rollout.name == "vllm"
+    assert cfg.trainer.nnodes == want["nnodes"] and cfg.trainer.n_gpus_per_node == 8
+    # Default locations live under $HOME.
+    for key in ("actor_rollout_ref.model.path", "data.train_files", "data.val_files", "trainer.default_local_dir"):
+        assert str(_get(cfg, key)).startswith(str(home) + os.sep), key
+    assert cfg.actor_rollout_ref.model.path.endswith(want["model"])
+    assert "dapo-math-17k" in cfg.data.train_files and "aime-2024" in cfg.data.val_files
+
+
+# The scripts select the legacy mbridge backend on purpose (the bridge this project installs).
+@pytest.mark.filterwarnings("ignore:The legacy mbridge backend:FutureWarning")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_passes_verl_validate_config(dry_runs, script):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    for mode in ("detach", "rl_occ"):
+        cfg = dry_runs[(script, mode)]
+        validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+def test_environment_and_extra_overrides_reach_the_config(dry_runs):
+    cfg = dry_runs["custom"]
+    mtp = cfg.actor_rollout_ref.model.mtp
+    assert (mtp.mtp_loss_type, mtp.detach_encoder, mtp.mtp_loss_scaling_factor) == ("detach", True, 0.2)
+    assert mtp.enable_rollout is True and mtp.method == "mtp" and mtp.num_speculative_tokens == 2
+    assert cfg.actor_rollout_ref.actor.megatron.context_parallel_size == 2
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (4, 8)
+    assert cfg.actor_rollout_ref.model.path == "/models/custom-mimo"
+    assert cfg.data.train_files == "/data/custom-train.parquet"
+    assert cfg.data.val_files == "/data/custom-val.parquet"
+    assert cfg.trainer.default_local_dir == "/ckpts/custom"
+    # Hydra overrides given on the command line come last and win.
+    assert cfg.trainer.total_training_steps == 7
+    assert cfg.actor_rollout_ref.actor.optim.lr == pytest.approx(3e-6)
+    assert cfg.trainer.experiment_name.endswith("detach-0.2")
