@@ -28,6 +28,15 @@ class CPUMegatronEngineMixin:
             fp16=self.param_dtype == torch.float16,
             bf16=self.param_dtype == torch.bfloat16,
         )
+        if self.engine_config.use_distributed_optimizer:
+            # verl's default. DDP then keeps the contiguous param buffer that verl's load/offload code
+            # needs (verl/utils/megatron_utils.py:827 reads buffer.param_data, which is None otherwise) and
+            # reduce-scatters grads; with one data-parallel rank that is the full, reduced gradient, which
+            # is all the (non-sharded) CPU optimizer reads.
+            from megatron.core import parallel_state as mpu
+
+            if mpu.get_data_parallel_world_size(with_context_parallel=True) != 1:
+                raise NotImplementedError("CPU engine: use_distributed_optimizer=True needs data-parallel size 1")
         optimizer = CPUMixedPrecisionOptimizer(self.module, config)
         register_megatron_training_hooks(self.module, optimizer)
         return optimizer

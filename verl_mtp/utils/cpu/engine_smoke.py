@@ -45,7 +45,6 @@ def default_overrides(model_path: str, batch: int) -> list[str]:
         "actor_rollout_ref.actor.megatron.dtype=bfloat16",  # verl asserts bf16|fp16 (workers/config/engine.py:218)
         "actor_rollout_ref.actor.megatron.use_mbridge=True",
         "actor_rollout_ref.actor.megatron.vanilla_mbridge=True",
-        "actor_rollout_ref.actor.megatron.use_distributed_optimizer=False",
         "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
         "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=1",
         "++actor_rollout_ref.actor.megatron.override_transformer_config.use_cpu_initialization=True",

@@ -40,7 +40,10 @@ def make_cpu_bridge(base: type) -> type:
     """Subclass of mbridge bridge ``base`` that builds the local spec (and a local MTP block spec)."""
 
     class CPUBridge(base):
-        _ATTENTION_MAPPING = dict(base._ATTENTION_MAPPING)
+        _ATTENTION_MAPPING = {  # MimoBridge routes MTP inner-layer names straight to the attention mapping
+            **base._ATTENTION_MAPPING,
+            "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"],
+        }
         _MLP_MAPPING = {
             "pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"],
             **base._MLP_MAPPING,
@@ -55,7 +58,14 @@ def make_cpu_bridge(base: type) -> type:
             return _local_spec(self.config, vp_stage)
 
         def _get_gptmodel_args(self) -> dict:
-            ret = super()._get_gptmodel_args()
+            from mbridge.core import LLMBridge
+
+            if getattr(self.config, "mtp_num_layers", None):
+                # MimoBridge._get_gptmodel_args builds a TE MTP spec (mbridge/models/mimo.py:45): skip it
+                ret = LLMBridge._get_gptmodel_args(self)
+                ret["mtp_block_spec"] = None
+            else:
+                ret = super()._get_gptmodel_args()
             if "mtp_block_spec" in ret:
                 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 

@@ -12,7 +12,7 @@ This one keeps Megatron's optimizer interface (``step() -> (ok, grad_norm, num_z
 bf16 model: gradients are read from the DDP fp32 ``main_grad`` buffers, clipped by the global L2 norm
 (all-reduced over the model-parallel group), applied to fp32 master copies with AdamW, and copied back to
 the bf16 parameters. No loss scaling (bf16). Not supported: distributed (sharded) optimizer state,
-``sharded_state_dict`` (Megatron dist-checkpointing of optimizer state), CPU offload of optimizer state.
+CPU offload of optimizer state. ``sharded_state_dict`` follows Megatron's Float16 optimizer layout.
 """
 
 from __future__ import annotations
@@ -134,15 +134,52 @@ class CPUMixedPrecisionOptimizer(MegatronOptimizer):
             main.data.copy_(p.data.float())
 
     def state_dict(self):
+        # Same layout as Megatron's Float16OptimizerWithFloat16Params: per-group fp32 master params.
         return {"optimizer": self.optimizer.state_dict(),
-                "main_params": [m.detach().clone() for _, m in self._pairs()]}
+                "fp32_from_fp16_params": [list(group) for group in self.main_params]}
 
     def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        opt_state = state_dict["optimizer"]
+        step = opt_state["state"].pop("common_step", None) if "state" in opt_state else None
+        if step is not None:
+            self._restore_common_per_param_step(opt_state, step)
+        self.optimizer.load_state_dict(opt_state)
         with torch.no_grad():
-            for (p, main), saved in zip(self._pairs(), state_dict["main_params"]):
-                main.data.copy_(saved)
-                p.data.copy_(saved.to(p.dtype))
+            for main_group, saved_group, model_group in zip(
+                self.main_params, state_dict["fp32_from_fp16_params"], self.model_params
+            ):
+                for main, saved, p in zip(main_group, saved_group, model_group):
+                    main.data.copy_(saved)
+                    p.data.copy_(main.data.to(p.dtype))
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
-        raise NotImplementedError("CPUMixedPrecisionOptimizer: Megatron dist-checkpointing of optimizer state")
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+        """Megatron dist-checkpointing layout of Float16OptimizerWithFloat16Params (master params + Adam
+        moments as ShardedTensors keyed like the model params; one common step)."""
+        from itertools import chain
+
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            make_sharded_optimizer_tensor,
+            optim_state_to_sharding_state,
+        )
+
+        if is_loading:  # materialise Adam state so there is something to load into
+            for group in self.optimizer.param_groups:
+                for main in group["params"]:
+                    if len(self.optimizer.state[main]) == 0:
+                        self.optimizer.state[main]["step"] = torch.tensor(0.0)
+                        self.optimizer.state[main]["exp_avg"] = torch.zeros_like(main.data)
+                        self.optimizer.state[main]["exp_avg_sq"] = torch.zeros_like(main.data)
+        state_dict = self.state_dict()
+        id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict,
+                                                          chain.from_iterable(self.model_params))
+        state_dict["fp32_from_fp16_params"] = [
+            [make_sharded_optimizer_tensor(id_to_sharded[pid], main, prefix="optimizer.state.fp32_param")
+             for pid, main in zip(sgroup["params"], group)]
+            for group, sgroup in zip(state_dict["fp32_from_fp16_params"], state_dict["optimizer"]["param_groups"])
+        ]
+        step = self._extract_common_per_param_step(state_dict["optimizer"])
+        optim_state_to_sharding_state(state_dict["optimizer"], id_to_sharded, exclude_keys="step")
+        if step:
+            state_dict["optimizer"]["state"]["common_step"] = step
+        return state_dict

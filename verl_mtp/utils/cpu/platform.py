@@ -2,7 +2,7 @@
 
 Registered as platform ``"cpu"`` in ``verl.plugin.platform.PlatformRegistry``; selected with
 ``VERL_PLATFORM=cpu`` (verl's own override of auto-detection). It answers ``get_device_name() == "cpu"``,
-``get_nccl_backend() == "gloo"``, Ray resource ``"CPU"`` and a ``torch.cpu``-like device module
+``get_nccl_backend() == "gloo"``, Ray logical ``"GPU"`` slots (see :meth:`PlatformCPU.ray_resource_name`) and a ``torch.cpu``-like device module
 (:mod:`verl_mtp.utils.cpu.device_module`).
 """
 
@@ -89,14 +89,15 @@ class PlatformCPU(PlatformBase):
         return None
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        # Device slots are Ray *logical* "GPU" resources: start Ray with `+ray_kwargs.ray_init.num_gpus=N`
+        # (no physical GPU is needed or used). verl's resource check counts only "GPU"/"NPU" keys
+        # (verl/single_controller/ray/base.py:228 ResourcePoolManager._check_resource_available: "Total
+        # available GPUs 0 is less than total desired GPUs 1"), and a placement bundle is
+        # {"CPU": max_colocate_count, <resource>: 1} (base.py:146), so "CPU" itself cannot be the slot.
+        return "GPU"
 
     def ray_noset_envvars(self) -> list[str]:
         return []
-
-    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-        # One "device" is one CPU slot; verl asks for `num_gpus` of the device resource per worker.
-        return {"num_cpus": num_gpus}
 
     def is_ipc_supported(self) -> bool:
         return False

@@ -69,7 +69,16 @@ class CPURolloutServer:
     """The rollout "server": HF model + sampler, one per replica, driven through Ray calls."""
 
     def __init__(self, config, model_config, rollout_mode, replica_rank: int = 0, **kwargs):
+        from omegaconf import DictConfig
+
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.config import RolloutConfig
+
         torch.set_num_threads(max(1, int(os.environ.get("VERL_CPU_ROLLOUT_THREADS", "1"))))
+        if isinstance(config, DictConfig):
+            config = omega_conf_to_dataclass(config, dataclass_type=RolloutConfig)
+        if isinstance(model_config, DictConfig):
+            model_config = omega_conf_to_dataclass(model_config)  # _target_ (keeps verl_mtp's MtpRLConfig)
         self.config = config
         self.model_config = model_config
         self.rollout_mode = rollout_mode
