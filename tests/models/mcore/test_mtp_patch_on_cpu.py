@@ -15,7 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from support.tiny_mcore import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl.utils.megatron_utils import patch_engine_mtp
-from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_output_keys
+from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
 from verl_mtp.workers.config import MtpRLConfig
 
@@ -258,3 +258,37 @@ def test_rl_on_a_model_without_mtp_layers_is_a_clear_error():
     model = build_tiny_gpt(0, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="mtp_loss_type=rl.*no MTP layers"):
         patch_postprocess_rl(model)
+
+
+@pytest.mark.parametrize("chunk", [0, 4], ids=["output_layer", "chunked"])
+def test_detached_head_ce_trains_heads_but_sends_nothing_into_the_trunk(chunk):
+    """With lambda = 0 the trunk gets no MTP gradient while the heads still learn; with lambda > 0 the trunk's
+    gradient equals the one from the lambda-scaled term alone."""
+    seqs = [torch.randint(1, VOCAB, (9,)) for _ in range(2)]
+
+    def run(lam, ce_coef):
+        model = build_tiny_gpt(2, vocab_size=VOCAB, seed=5)
+        cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=chunk, detached_head_ce_coef=ce_coef)
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
+        patch_postprocess_rl(model, False, chunk, detached_head_ce=ce_coef > 0)
+        _, aligned = rl_forward_bshd(model, seqs, 1.0)
+        loss = 0
+        for k in (1, 2):
+            lp_key, valid_key, _ = mtp_output_keys(k)
+            valid = aligned[valid_key].values()
+            loss = loss - lam * (aligned[lp_key].values() * valid).sum()
+            if ce_coef:
+                loss = loss - ce_coef * (aligned[mtp_ce_key(k)].values() * valid).sum()
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+    only_ce = run(0.0, 0.5)
+    for name, grad in only_ce.items():
+        assert (torch.count_nonzero(grad) > 0) == name.startswith("mtp."), name
+    both, rl_only = run(0.3, 0.5), run(0.3, 0.0)
+    for name in both:
+        if name.startswith("mtp."):
+            continue
+        torch.testing.assert_close(both[name], rl_only[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(both[n], rl_only[n]) for n in both if n.startswith("mtp."))

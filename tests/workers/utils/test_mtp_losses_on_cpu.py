@@ -14,7 +14,7 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
-from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
+from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
 DAPO = [
@@ -219,3 +219,26 @@ def test_wrapping_rejects_a_loss_without_actor_config():
     mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl")
     with pytest.raises(TypeError, match="ActorConfig"):
         with_mtp_policy_loss(lambda **kw: None, mtp_cfg, OCCState(mtp_cfg.occ))
+
+
+def test_detached_head_ce_term_is_added_with_the_main_normalisation():
+    config = actor_config(DAPO)
+    data = make_actor_batch([3, 5, 4], [6, 4, 5], seed=6)
+    out, leaves = model_outputs(data, num_heads=2, seed=6)
+    n = data["input_ids"].values().shape[0]
+    for k in (1, 2):
+        out[mtp_ce_key(k)] = nested_like(data, -torch.rand(n, generator=torch.Generator().manual_seed(k)))
+    base = partial(ppo_loss, config=config)
+    plain = MtpRLConfig(enable=True, mtp_loss_type="rl")
+    with_ce = MtpRLConfig(enable=True, mtp_loss_type="rl", detached_head_ce_coef=0.2)
+    total_plain, _ = with_mtp_policy_loss(base, plain, OCCState(plain.occ))(model_output=out, data=data)
+    total_ce, metrics = with_mtp_policy_loss(base, with_ce, OCCState(with_ce.occ))(model_output=out, data=data)
+    expected = 0
+    tokens = data["batch_num_tokens"]
+    for k in (1, 2):
+        ce = no_padding_2_padding(out[mtp_ce_key(k)], data)
+        valid = no_padding_2_padding(out[mtp_output_keys(k)[1]], data).bool()
+        mask = padded(data, "response_mask").bool() & valid
+        expected = expected + 0.2 / 2 * float(-(ce * mask).sum() / tokens)
+        assert f"actor/mtp_{k}/head_ce_loss" in metrics
+    assert float(total_ce - total_plain) == pytest.approx(expected, rel=1e-5)

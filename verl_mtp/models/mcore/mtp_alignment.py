@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "mtp_output_keys",
+    "mtp_ce_key",
     "positions_in_sequence",
     "shift_packed",
     "shift_right",
@@ -32,6 +33,11 @@ __all__ = [
 def mtp_output_keys(k: int) -> tuple[str, str, str]:
     """Model-output keys of head ``k``: log-probs, valid mask, top-1 agreement with the sampled token."""
     return f"mtp_{k}_log_probs", f"mtp_{k}_valid", f"mtp_{k}_top1"
+
+
+def mtp_ce_key(k: int) -> str:
+    """Model-output key of head ``k``'s log-probs on detached trunk inputs (its own CE loss)."""
+    return f"mtp_{k}_ce_log_probs"
 
 
 def positions_in_sequence(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,5 +120,7 @@ def align_mtp_outputs(output: dict) -> dict:
         lp_key, valid_key, top1_key = mtp_output_keys(k)
         output[lp_key], output[valid_key] = shift_right(output[lp_key], k)
         output[top1_key], _ = shift_right(output[top1_key], k)
+        if mtp_ce_key(k) in output:
+            output[mtp_ce_key(k)], _ = shift_right(output[mtp_ce_key(k)], k)
         k += 1
     return output

@@ -15,6 +15,7 @@ to the MTP logits exactly like the main ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from inspect import signature
 
 import torch
@@ -22,7 +23,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
-from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys, shift_packed
+from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys, shift_packed
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
 __all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
@@ -44,46 +45,53 @@ class MTPRLOutput:
     train_lm_head: bool
     packed_seq_params: object | None  # THD layout (padded cu_seqlens) of this micro-batch; None for BSHD
     logprob_chunk_size: int  # > 0: chunked log-probs, no full-vocabulary logits kept; 0: via the output layer
+    # the heads re-run on detached trunk inputs (``detached_head_ce_coef > 0``), for their own CE loss
+    detached_hidden_states: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_heads(self) -> int:
         return len(self.hidden_states)
 
-    def head_weight(self) -> torch.Tensor:
-        """The shared output-layer weight shard ``[V/tp, h]``, detached unless the MTP loss may train it."""
+    def head_weight(self, trainable: bool) -> torch.Tensor:
+        """The shared output-layer weight shard ``[V/tp, h]``, detached unless ``trainable``."""
         weight = self.output_weight if self.output_weight is not None else self.output_layer.weight
-        return weight if self.train_lm_head else weight.detach()
+        return weight if trainable else weight.detach()
 
-    def head_logits(self, k: int) -> torch.Tensor:
-        """Depth ``k`` logits ``[s, b, v/tp]`` through the shared output layer."""
+    def head_logits(self, hidden: torch.Tensor, trainable_weight: bool) -> torch.Tensor:
+        """Logits ``[s, b, v/tp]`` of one head's hidden states through the shared output layer."""
         logits, _ = self.output_layer(
-            self.hidden_states[k - 1], weight=self.head_weight(), runtime_gather_output=self.runtime_gather_output
+            hidden, weight=self.head_weight(trainable_weight), runtime_gather_output=self.runtime_gather_output
         )
         return logits
 
 
 def mtp_token_log_probs(
-    mtp_output: MTPRLOutput, k: int, labels: torch.Tensor, temperature: torch.Tensor
+    mtp_output: MTPRLOutput,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    trainable_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth ``k``'s log-probability of ``labels`` and whether its top-1 token equals them, both ``[b, s]``.
+    """A head's log-probability of ``labels`` and whether its top-1 token equals them, both ``[b, s]``.
 
-    ``labels`` and ``temperature`` are ``[b, s]`` in the same packed order as the main head's. Uses verl's
-    vocab-parallel log-softmax (correct for TP > 1). Works in Megatron's ``[s, b]`` order so the
-    full-vocabulary logits are never transposed into a contiguous copy; they die when this returns, except
-    what autograd saves for the backward pass.
+    ``hidden`` is the head's ``[s, b, h]`` output; ``labels`` and ``temperature`` are ``[b, s]`` in the same
+    packed order as the main head's. Vocab-parallel (correct for TP > 1). Works in Megatron's ``[s, b]`` order
+    so the full-vocabulary logits are never transposed into a contiguous copy; with ``logprob_chunk_size``
+    they are not even kept for the backward pass.
     """
     labels_sb = labels.t().contiguous()
+    weight = mtp_output.head_weight(trainable_weight)
     if mtp_output.logprob_chunk_size > 0:
         log_probs, top1 = chunked_token_log_probs(
-            mtp_output.hidden_states[k - 1],
-            mtp_output.head_weight(),
+            hidden,
+            weight,
             labels_sb,
             temperature.t(),
             mtp_output.logprob_chunk_size,
             sequence_parallel=mtp_output.output_layer.sequence_parallel,
         )
         return log_probs.t(), (top1 == labels_sb).t()
-    logits = mtp_output.head_logits(k)
+    logits = mtp_output.head_logits(hidden, trainable_weight)
     logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
         top1 = _vocab_parallel_argmax(logits)
@@ -108,10 +116,18 @@ def score_mtp_heads(
     scored = {}
     for k in range(1, mtp_output.num_heads + 1):
         head_label, _ = shift_packed(flat_label, starts, lengths, -k)
-        log_probs, top1 = mtp_token_log_probs(mtp_output, k, head_label.view_as(label), temperature)
+        head_label = head_label.view_as(label)
+        log_probs, top1 = mtp_token_log_probs(
+            mtp_output, mtp_output.hidden_states[k - 1], head_label, temperature, mtp_output.train_lm_head
+        )
         lp_key, _, top1_key = mtp_output_keys(k)
         scored[lp_key] = log_probs
         scored[top1_key] = top1.to(log_probs.dtype)
+        if mtp_output.detached_hidden_states is not None:  # plain next-token CE, as Megatron's (T = 1)
+            ce_log_probs, _ = mtp_token_log_probs(
+                mtp_output, mtp_output.detached_hidden_states[k - 1], head_label, torch.ones_like(temperature), False
+            )
+            scored[mtp_ce_key(k)] = ce_log_probs
     return scored
 
 
@@ -142,10 +158,17 @@ def pop_mtp_rl_output(model: torch.nn.Module) -> MTPRLOutput | None:
     return gpt.__dict__.pop(_OUTPUT_ATTR, None)
 
 
-def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False, logprob_chunk_size: int = 0) -> None:
+def patch_postprocess_rl(
+    model: torch.nn.Module,
+    train_lm_head: bool = False,
+    logprob_chunk_size: int = 0,
+    detached_head_ce: bool = False,
+) -> None:
     """Install the RL postprocess on ``model``'s GPTModel; the postprocess in place (verl's) stays as fallback.
 
-    Raises when the model has no MTP layers: ``mtp_loss_type=rl`` would otherwise train nothing.
+    ``detached_head_ce`` re-runs the heads on detached trunk inputs so they can also get a cross-entropy loss
+    that never reaches the trunk (see ``detached_head_ce_coef``). Raises when the model has no MTP layers:
+    ``mtp_loss_type=rl`` would otherwise train nothing.
     """
     gpt = _get_patching_model(model)
     if gpt is None:
@@ -158,13 +181,25 @@ def patch_postprocess_rl(model: torch.nn.Module, train_lm_head: bool = False, lo
         )
     if getattr(gpt, "_verl_mtp_fallback_postprocess", None) is None:
         gpt._verl_mtp_fallback_postprocess = gpt._postprocess
-    if logprob_chunk_size > 0 and getattr(gpt.output_layer, "bias", None) is not None:
+    output_layer = getattr(gpt, "output_layer", None)  # absent on pipeline stages other than the last
+    if logprob_chunk_size > 0 and getattr(output_layer, "bias", None) is not None:
         raise NotImplementedError(
             "actor_rollout_ref.model.mtp.logprob_chunk_size > 0 needs an output layer without bias; set it to 0"
         )
     gpt._verl_mtp_train_lm_head = train_lm_head
     gpt._verl_mtp_logprob_chunk_size = logprob_chunk_size
+    gpt._verl_mtp_detached_head_ce = detached_head_ce
     gpt._postprocess = _megatron_gptmodel_postprocess_rl.__get__(gpt, gpt.__class__)
+
+
+class _DetachedEmbedding:
+    """The model's embedding with its output cut from the graph: MTP inputs that train nothing upstream."""
+
+    def __init__(self, embedding: torch.nn.Module):
+        self.embedding = embedding
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.embedding(*args, **kwargs).detach()
 
 
 def _mtp_block_kwargs(mtp_block: torch.nn.Module, kwargs: dict) -> dict:
@@ -223,15 +258,16 @@ def _megatron_gptmodel_postprocess_rl(
     if newer_kwargs.get("output_processor") is not None:
         raise NotImplementedError("mtp_loss_type=rl does not support Megatron's output_processor hook")
 
+    detached_chunks = None
     if mtp_in_postprocess:
         optional = _mtp_block_kwargs(
             self.mtp,
             {"padding_mask": newer_kwargs.get("padding_mask"), "mhc_multistream": newer_kwargs.get("mhc_multistream")},
         )
-        hidden_states = self.mtp(
+        run_mtp = partial(
+            self.mtp,
             input_ids=input_ids,
             position_ids=position_ids,
-            hidden_states=hidden_states,
             attention_mask=attention_mask,
             inference_params=inference_params,
             rotary_pos_emb=rotary_pos_emb,
@@ -239,10 +275,16 @@ def _megatron_gptmodel_postprocess_rl(
             rotary_pos_sin=rotary_pos_sin,
             packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset,
-            embedding=self.embedding,
             **optional,
             **(extra_block_kwargs or {}),
         )
+        trunk_hidden = hidden_states
+        hidden_states = run_mtp(hidden_states=trunk_hidden, embedding=self.embedding)
+        if self._verl_mtp_detached_head_ce:
+            detached = run_mtp(hidden_states=trunk_hidden.detach(), embedding=_DetachedEmbedding(self.embedding))
+            detached_chunks = tuple(torch.chunk(detached, 1 + self.config.mtp_num_layers, dim=0)[1:])
+    elif self._verl_mtp_detached_head_ce:
+        raise NotImplementedError("detached_head_ce_coef > 0 needs the MTP block in the postprocess stage")
     if not self.post_process:
         return hidden_states
 
@@ -256,6 +298,7 @@ def _megatron_gptmodel_postprocess_rl(
         train_lm_head=self._verl_mtp_train_lm_head,
         packed_seq_params=packed_seq_params,
         logprob_chunk_size=self._verl_mtp_logprob_chunk_size,
+        detached_hidden_states=detached_chunks,
     )
     logits, _ = self.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
     return logits.transpose(0, 1).contiguous()

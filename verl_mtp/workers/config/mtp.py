@@ -71,11 +71,17 @@ class MtpRLConfig(MtpConfig):
     logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl`` only):
         the full-vocabulary logits of a head are never kept for the backward pass, only recomputed per
         chunk. 0 runs the head through Megatron's output layer and keeps its logits (more memory).
+    detached_head_ce_coef: ``rl`` only, ours, off (0) by default. When > 0 the heads are run a second time on
+        detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
+        (split over heads), so they keep learning as in ``detach`` (speculative-decoding drafts stay fresh)
+        while lambda alone decides what the MTP term sends into the trunk. Costs one more forward and
+        backward of the MTP layers (not of the trunk).
     """
 
     mtp_loss_type: Optional[str] = None
     train_lm_head: bool = False
     logprob_chunk_size: int = 1024
+    detached_head_ce_coef: float = 0.0
     occ: OCCConfig = field(default_factory=OCCConfig)
 
     def __post_init__(self):
@@ -112,6 +118,11 @@ class MtpRLConfig(MtpConfig):
         if self.logprob_chunk_size < 0:
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {self.logprob_chunk_size}"
+            )
+        if self.detached_head_ce_coef < 0 or (self.detached_head_ce_coef > 0 and kind != "rl"):
+            raise ValueError(
+                "actor_rollout_ref.model.mtp.detached_head_ce_coef must be >= 0 and only applies to "
+                f"mtp_loss_type=rl; got {self.detached_head_ce_coef} with mtp_loss_type={kind}"
             )
         if self.train_lm_head and kind != "rl":
             raise ValueError(

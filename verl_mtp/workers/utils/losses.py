@@ -6,7 +6,8 @@ the sampled tokens against the same ``old_log_probs``, with advantages multiplie
 the OCC lambda when ``occ.enable``, else the fixed ``mtp_loss_scaling_factor / K`` (split over heads like
 Megatron's MTP cross-entropy). The term uses the same ``loss_agg_mode`` and global normalisation
 (``global_batch_info``: dp size, global token count, global batch size) as the main policy loss, and is added
-after verl's entropy and KL terms, so neither drops it.
+after verl's entropy and KL terms, so neither drops it. With ``detached_head_ce_coef > 0`` each head also gets
+a cross-entropy term on its detached-input pass (it trains the heads only, never the trunk).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from functools import partial
 import torch
 from tensordict import TensorDict
 
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import ActorConfig
 from verl.workers.utils.padding import no_padding_2_padding
-from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
+from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState, occ_statistics
 from verl_mtp.workers.config.mtp import MtpRLConfig
 
@@ -98,6 +99,17 @@ def mtp_policy_loss(
             rollout_is_weights=rollout_is_weights,
         )
         total = total + head_loss
+        if mtp_config.detached_head_ce_coef > 0:
+            ce_log_prob = no_padding_2_padding(model_output[mtp_ce_key(k)], data)
+            ce_mask = mask & torch.isfinite(ce_log_prob)
+            head_ce = agg_loss(
+                loss_mat=-torch.where(ce_mask, ce_log_prob, torch.zeros_like(ce_log_prob)),
+                loss_mask=ce_mask,
+                loss_agg_mode=config.loss_agg_mode,
+                **config.global_batch_info,
+            )
+            total = total + mtp_config.detached_head_ce_coef / num_heads * head_ce
+            metrics[f"actor/mtp_{k}/head_ce_loss"] = Metric(value=head_ce.detach(), aggregation=loss_aggregation)
         top1 = no_padding_2_padding(model_output[top1_key], data).to(torch.float32)
         count = mask.sum().clamp_min(1)
         scalars = {  # one device->host copy for all of them, below

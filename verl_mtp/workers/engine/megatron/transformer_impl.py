@@ -43,6 +43,7 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                     module,
                     train_lm_head=self.model_config.mtp.train_lm_head,
                     logprob_chunk_size=self.model_config.mtp.logprob_chunk_size,
+                    detached_head_ce=self.model_config.mtp.detached_head_ce_coef > 0,
                 )
 
     def _check_mtp_rl_layout(self):
