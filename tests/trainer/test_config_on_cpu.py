@@ -211,6 +211,16 @@ BAD = {
         "logprob_chunk_size",
         dict(enable=True, mtp_loss_type="rl", logprob_chunk_size=-1),
     ),
+    "detached_head_ce_with_detach": (
+        ["enable=True", "mtp_loss_type=detach", "detached_head_ce_coef=0.1"],
+        "detached_head_ce_coef",
+        dict(enable=True, mtp_loss_type="detach", detached_head_ce_coef=0.1),
+    ),
+    "negative_detached_head_ce": (
+        ["enable=True", "mtp_loss_type=rl", "detached_head_ce_coef=-0.1"],
+        "detached_head_ce_coef",
+        dict(enable=True, mtp_loss_type="rl", detached_head_ce_coef=-0.1),
+    ),
     "train_lm_head_with_ce": (
         ["enable=True", "mtp_loss_type=ce", "train_lm_head=True"],
         "train_lm_head",
