@@ -11,10 +11,19 @@ into site-packages, and a regular package always wins over this repo's ``tests/`
 Public API::
 
     init_cpu_megatron(tp=1, pp=1, cp=1)          # gloo, world size 1, model-parallel groups, CPU shims
+    init_cpu_megatron(tp, pp, cp, rank=r, world_size=n, init_method=url)   # inside a spawned rank
     destroy_cpu_megatron()                       # undo everything init set up (for test isolation)
     build_tiny_gpt(mtp_num_layers, ...)          # real GPTModel + K real MTP layers, fp32, CPU
     causal_attention_mask(batch, seq)            # bool [batch, 1, seq, seq], True = masked out
     forward_bshd(model, input_ids, labels=None, loss_mask=None)
+    run_cpu_ranks(fn, world_size, *args)         # fn(RankInfo, *args) in n spawned processes, results back
+
+Multi-process (``run_cpu_ranks``): each rank is a fresh ``spawn``-ed interpreter; ``fn`` must be a module-level
+function (it is imported by name in the child) and calls ``init_cpu_megatron(..., rank=info.rank,
+world_size=info.world_size, init_method=info.init_method)`` itself, then ``build_tiny_gpt`` builds this rank's
+shard / pipeline stage (sizes come from megatron's parallel state). Whatever ``fn`` returns is ``torch.save``-d
+and handed back to the parent in rank order; an exception in any rank is raised in the parent with every
+failing rank's traceback (the other ranks, stuck in a collective, are killed after a grace period).
 
 Tested with: megatron-core 0.16.1, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
 
@@ -43,26 +52,61 @@ under test that wrongly assumes CUDA still fails loudly):
 5. Attention mask. Without an explicit mask the local softmax builds its causal mask with
    ``device="cuda"`` (``transformer.utils.get_default_causal_mask``); ``forward_bshd`` always passes one.
 
+
+Multi-process shims (installed only when the world size is > 1, i.e. inside ``run_cpu_ranks`` ranks):
+
+6. Collective buffers. Megatron's tensor-parallel collectives and linear layers allocate their output
+   buffers with ``device=torch.cuda.current_device()`` (``tensor_parallel.mappings`` / ``layers``). Inside
+   just those two modules the name ``torch`` is rebound to a proxy whose ``cuda.current_device()`` is the
+   CPU; everything else (and ``torch.cuda`` everywhere else) is the real torch. ``destroy_cpu_megatron``
+   restores them.
+7. Pipeline-parallel embedding tie. With PP > 1 the MTP (last) stage keeps its own copy of the word
+   embedding, zeroes it and all-reduces it with the first stage's at construction
+   (``LanguageModule.setup_embeddings_and_output_layer``), after ``weight.data = weight.data.cuda()``.
+   ``build_tiny_gpt`` makes ``Tensor.cuda`` the identity for the duration of the ``GPTModel`` constructor
+   only, so megatron's own all-reduce runs (on gloo).
+8. Sequence parallel. Megatron's CPU fallback norm (``WrappedTorchNorm``, used by the local spec without
+   Apex) asserts ``not config.sequence_parallel``, only because it does not tag its parameters. With
+   ``build_tiny_gpt(sequence_parallel=True)`` the norms are the same ``torch.nn.LayerNorm`` built from a
+   non-SP copy of the config, and their parameters get ``sequence_parallel=True`` like megatron's fused /
+   TE norms (their grads are partial per TP rank and must be all-reduced over the TP group, as
+   ``finalize_model_grads`` does).
+
 Not supported on CPU here: RoPE (``RotaryEmbedding.forward`` moves ``inv_freq`` to
-``torch.cuda.current_device()``, so the model uses learned absolute positions), TP/PP/CP > 1 (world size
-is 1), sequence parallel, TransformerEngine specs, fp16/bf16.
+``torch.cuda.current_device()``, so the model uses learned absolute positions), context parallel (the local
+attention has no CP; ``cp`` must stay 1 in practice), TransformerEngine specs, fp16/bf16, virtual pipeline
+stages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import datetime
 import functools
+import importlib
+import multiprocessing
 import operator
+import os
+import shutil
 import socket
-from typing import Iterator, Optional
+import tempfile
+import time
+import traceback
+import types
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel import layers as mcore_tp_layers
+from megatron.core.tensor_parallel import mappings as mcore_tp_mappings
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import GlobalMemoryBuffer
 
@@ -74,6 +118,8 @@ __all__ = [
     "causal_attention_mask",
     "forward_bshd",
     "prepare_mtp_loss_tracker",
+    "RankInfo",
+    "run_cpu_ranks",
 ]
 
 TESTED_MCORE_VERSIONS = ("0.16.1",)
@@ -118,18 +164,24 @@ class _CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
 def seed_cpu_rng_tracker(seed: int = 0) -> None:
     """(Re)install the CPU tracker as megatron's RNG tracker and seed its streams.
 
-    Mirrors ``model_parallel_cuda_manual_seed`` (same stream names and seed offsets, rank 0) without
-    touching CUDA. There is no public hook to choose the tracker class, hence the module globals.
+    Mirrors ``model_parallel_cuda_manual_seed`` (same stream names and seed offsets, this process's
+    tensor / expert parallel ranks, 0 before the parallel state exists) without touching CUDA. There is no
+    public hook to choose the tracker class, hence the module globals.
     """
     tracker = mcore_random._CUDA_RNG_STATE_TRACKER
     if not isinstance(tracker, _CPURNGStatesTracker):
         tracker = _CPURNGStatesTracker()
         mcore_random._CUDA_RNG_STATE_TRACKER = tracker
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tp_rank = ep_rank = etp_rank = 0
+    if parallel_state.model_parallel_is_initialized():
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     tracker.reset()
     tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)  # + tp_rank (0)
-    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)  # + 100*ep_rank + etp_rank
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -170,36 +222,152 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_cpu_megatron(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
-    """Idempotently set up torch.distributed (gloo, rank 0 of 1) and megatron's parallel state on CPU.
+# --------------------------------------------------------------------------------------------------------
+# Shim 6: CPU buffers in megatron's tensor-parallel collectives (world size > 1 only)
+# --------------------------------------------------------------------------------------------------------
+class _CPUCuda:
+    """``torch.cuda`` as megatron's TP collectives see it: ``current_device()`` is the CPU, the rest is real."""
 
-    Safe to call from every test: a second call only re-checks the CPU shims. The
-    rendezvous address is passed as ``init_method=tcp://127.0.0.1:<free port>`` instead of through
-    ``MASTER_ADDR``/``MASTER_PORT`` so the environment of other tests is left alone. ``tp``/``pp``/``cp``
-    exist for signature parity with GPU helpers; with one process they must all be 1.
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchWithCPUCurrentDevice(types.ModuleType):
+    """Stand-in for the name ``torch`` inside one megatron module; only ``torch.cuda`` differs (``_CPUCuda``)."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CPUCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_DEVICE_MODULES = (mcore_tp_mappings, mcore_tp_layers)
+
+
+def _install_cpu_collective_buffers() -> None:
+    for module in _CPU_DEVICE_MODULES:
+        if not isinstance(module.torch, _TorchWithCPUCurrentDevice):
+            module.torch = _TorchWithCPUCurrentDevice()
+
+
+def _remove_cpu_collective_buffers() -> None:
+    for module in _CPU_DEVICE_MODULES:
+        module.torch = torch
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shims 7 and 8: construction-time only (PP embedding tie, sequence-parallel norms)
+# --------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tensor_cuda_is_identity() -> Iterator[None]:
+    """Shim 7: ``Tensor.cuda`` returns the tensor itself, for the duration of a model constructor."""
+    saved = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = saved
+
+
+@contextlib.contextmanager
+def _sequence_parallel_torch_norms() -> Iterator[None]:
+    """Shim 8: ``WrappedTorchNorm`` accepts ``sequence_parallel`` and tags its parameters like fused norms do."""
+    saved = WrappedTorchNorm.__dict__["__new__"]
+    original_new = saved.__func__ if isinstance(saved, staticmethod) else saved
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+    WrappedTorchNorm.__new__ = __new__
+    try:
+        yield
+    finally:
+        WrappedTorchNorm.__new__ = saved
+
+
+# --------------------------------------------------------------------------------------------------------
+# Process group + model parallel state
+# --------------------------------------------------------------------------------------------------------
+def init_cpu_megatron(
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    *,
+    rank: int = 0,
+    world_size: Optional[int] = None,
+    init_method: Optional[str] = None,
+    timeout_s: float = 120.0,
+) -> None:
+    """Idempotently set up torch.distributed (gloo) and megatron's parallel state on CPU.
+
+    Single process (the default, ``world_size`` 1): rank 0 of 1, and ``tp``/``pp``/``cp`` exist for signature
+    parity with GPU helpers, so they must all be 1. The rendezvous address is passed as
+    ``init_method=tcp://127.0.0.1:<free port>`` instead of through ``MASTER_ADDR``/``MASTER_PORT`` so the
+    environment of other tests is left alone. Safe to call from every test: a second call only re-checks the
+    CPU shims.
+
+    Inside a spawned rank (see ``run_cpu_ranks``): pass ``rank``, ``world_size`` and the shared
+    ``init_method``; the data-parallel size is ``world_size / (tp*pp*cp)``. Collectives time out after
+    ``timeout_s`` (gloo) so a rank whose peer died fails instead of hanging. The multi-process shims (6) are
+    installed as well.
     """
     global _OWNS_PROCESS_GROUP
-    if tp * pp * cp != 1:
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size == 1 and tp * pp * cp != 1:
         raise ValueError(f"CPU test world size is 1, so tp*pp*cp must be 1 (got tp={tp}, pp={pp}, cp={cp})")
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp (tp={tp}, pp={pp}, cp={cp})")
 
     if not dist.is_initialized():
+        if init_method is None:
+            if world_size != 1:
+                raise ValueError("world_size > 1 needs init_method, the rendezvous address shared by all ranks")
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
-            backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            backend="gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         _OWNS_PROCESS_GROUP = True
-    elif dist.get_world_size() != 1:
-        raise RuntimeError(f"torch.distributed already initialised with world size {dist.get_world_size()}")
+    elif dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"torch.distributed already initialised with world size {dist.get_world_size()}, not {world_size}"
+        )
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
         )
+    else:
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+        )
+        if world_size > 1 and have != (tp, pp, cp):
+            raise RuntimeError(f"megatron parallel state already has (tp, pp, cp)={have}, not {(tp, pp, cp)}")
 
     # initialize_model_parallel (re)creates megatron's CUDA buffer; replace it with the CPU one.
     if not isinstance(parallel_state._GLOBAL_MEMORY_BUFFER, _CPUGlobalMemoryBuffer):
         parallel_state._GLOBAL_MEMORY_BUFFER = _CPUGlobalMemoryBuffer()
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, _CPURNGStatesTracker):
         seed_cpu_rng_tracker(0)
+    if world_size > 1:
+        _install_cpu_collective_buffers()
 
 
 def destroy_cpu_megatron() -> None:
@@ -215,6 +383,7 @@ def destroy_cpu_megatron() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     MTPLossLoggingHelper.tracker.clear()
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    _remove_cpu_collective_buffers()
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
@@ -233,6 +402,7 @@ def build_tiny_gpt(
     share_embeddings: bool = False,
     seed: int = 0,
     packed_attention: bool = False,
+    sequence_parallel: bool = False,
 ) -> GPTModel:
     """Build a real fp32 ``GPTModel`` on CPU with ``mtp_num_layers`` real MTP layers (0 = no MTP).
 
@@ -243,10 +413,28 @@ def build_tiny_gpt(
     caller's global RNG state is unchanged). The model is returned in training mode.
     ``packed_attention`` swaps in a core attention that honours packed ``cu_seqlens``
     (``support.packed_attention``), so THD micro-batches run on CPU; weights are the same as without it.
+
+    Under model parallelism (inside a ``run_cpu_ranks`` rank, after ``init_cpu_megatron(tp, pp, ...)``) the
+    config takes megatron's current TP / PP / CP sizes and this rank builds its own shard and pipeline stage
+    (``pre_process`` / ``post_process`` from megatron's parallel state; the MTP block only where
+    ``get_gpt_mtp_block_spec`` places it, the last stage). ``sequence_parallel`` needs TP > 1 (shim 8).
+    Weights are *not* the shards of the same-seed TP = 1 model in general: copy them in for comparisons.
     """
     if mtp_num_layers < 0:
         raise ValueError(f"mtp_num_layers must be >= 0, got {mtp_num_layers}")
-    init_cpu_megatron()
+    if parallel_state.model_parallel_is_initialized():  # keep the sizes set up (e.g. by a rank), re-check shims
+        init_cpu_megatron(
+            tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+            cp=parallel_state.get_context_parallel_world_size(),
+        )
+    else:
+        init_cpu_megatron()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel=True needs tensor parallel size > 1")
     config = TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -256,6 +444,11 @@ def build_tiny_gpt(
         params_dtype=torch.float32,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        pipeline_dtype=torch.float32 if pp > 1 else None,
     )
     if packed_attention:
         from support.packed_attention import packed_local_layer_spec
@@ -266,7 +459,12 @@ def build_tiny_gpt(
     mtp_block_spec = (
         get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False) if mtp_num_layers else None
     )
-    with torch.random.fork_rng(devices=[]):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        if pp > 1:
+            stack.enter_context(_tensor_cuda_is_identity())
+        if sequence_parallel:
+            stack.enter_context(_sequence_parallel_torch_norms())
         torch.manual_seed(seed)
         seed_cpu_rng_tracker(seed)
         model = GPTModel(
@@ -274,6 +472,8 @@ def build_tiny_gpt(
             transformer_layer_spec=layer_spec,
             vocab_size=vocab_size,
             max_sequence_length=seq_len,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
             share_embeddings_and_output_weights=share_embeddings,
             position_embedding_type="learned_absolute",
             mtp_block_spec=mtp_block_spec,
@@ -338,3 +538,110 @@ def forward_bshd(
     if mtp_layers and gpt.training:
         prepare_mtp_loss_tracker(mtp_layers)
     return model(input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-process runs: spawn N CPU ranks on one gloo world, bring their results back
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """What a rank function gets first: its rank, the world size and the rendezvous address to pass on to
+    ``init_cpu_megatron(..., rank=info.rank, world_size=info.world_size, init_method=info.init_method)``."""
+
+    rank: int
+    world_size: int
+    init_method: str
+
+
+def _rank_entry(fn_ref: str, info: RankInfo, out_dir: str, args: tuple) -> None:
+    """Body of one spawned rank: import ``fn`` by name, run it, save its result or its traceback."""
+    result_path = os.path.join(out_dir, f"rank{info.rank}.pt")
+    error_path = os.path.join(out_dir, f"rank{info.rank}.err")
+    try:
+        module_name, qualname = fn_ref.split(":")
+        fn = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
+        result = fn(info, *args)
+        torch.save(result, result_path + ".tmp")
+        os.replace(result_path + ".tmp", result_path)
+    except BaseException:
+        with open(error_path, "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        with contextlib.suppress(Exception):
+            destroy_cpu_megatron()
+
+
+def run_cpu_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0, grace_s: float = 15.0
+) -> list:
+    """Run ``fn(RankInfo, *args)`` in ``world_size`` freshly spawned processes; return their results by rank.
+
+    ``fn`` must be a module-level function of an importable module (the child imports it by name, with the
+    parent's ``sys.path``); ``args`` and the results must be picklable (results go through ``torch.save``).
+    The ranks rendezvous at ``tcp://127.0.0.1:<free port>``; ``fn`` initialises torch.distributed itself via
+    ``init_cpu_megatron``. When a rank fails, the others get ``grace_s`` to fail or finish and are then killed
+    (they are typically blocked in a collective); the parent then raises ``RuntimeError`` carrying every
+    failing rank's traceback. Runs longer than ``timeout_s`` are killed and reported the same way.
+    """
+    fn_ref = f"{fn.__module__}:{fn.__qualname__}"
+    ctx = multiprocessing.get_context("spawn")
+    out_dir = tempfile.mkdtemp(prefix="cpu_ranks_")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [
+        ctx.Process(
+            target=_rank_entry,
+            args=(fn_ref, RankInfo(rank, world_size, init_method), out_dir, args),
+            name=f"cpu-rank-{rank}",
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        first_failure = None
+        timed_out = False
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if first_failure is None and any(p.exitcode not in (None, 0) for p in procs):
+                first_failure = now
+            if now > deadline or (first_failure is not None and now > first_failure + grace_s):
+                timed_out = now > deadline
+                break
+            time.sleep(0.05)
+        killed = []
+        for rank, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                killed.append(rank)
+            p.join(timeout=10)
+
+        results, problems = [], []
+        for rank, p in enumerate(procs):
+            error_path = os.path.join(out_dir, f"rank{rank}.err")
+            result_path = os.path.join(out_dir, f"rank{rank}.pt")
+            if os.path.exists(error_path):
+                with open(error_path) as f:
+                    problems.append(f"--- rank {rank} raised (exit code {p.exitcode}):\n{f.read()}")
+            elif rank in killed:
+                why = f"timed out after {timeout_s:.0f}s" if timed_out else "killed after another rank failed"
+                problems.append(f"--- rank {rank} {why}")
+            elif p.exitcode != 0 or not os.path.exists(result_path):
+                problems.append(f"--- rank {rank} exited with code {p.exitcode} and left no result")
+            else:
+                results.append(torch.load(result_path, weights_only=False))
+        if problems:
+            raise RuntimeError(
+                f"{fn_ref} failed on {world_size} CPU ranks (ranks' own output is in the captured stderr):\n"
+                + "\n".join(problems)
+            )
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        shutil.rmtree(out_dir, ignore_errors=True)
