@@ -38,6 +38,7 @@ def _measure(args) -> dict:
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
     from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
+    from verl_mtp.models.mcore.mtp_forward import pack_head_labels
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
     from verl_mtp.trainer.ppo import mtp_occ
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -98,8 +99,8 @@ def _measure(args) -> dict:
         output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=data["input_ids"].offsets())}
         mtp_out = pop_mtp_rl_output(model)
         if mtp_out is not None:
-            scored = score_mtp_heads(mtp_out, labels, torch.ones_like(labels, dtype=torch.float32),
-                                     torch.tensor([0]), torch.tensor([args.seq]))
+            targets = pack_head_labels(data["input_ids"], args.heads, "bshd")
+            scored = score_mtp_heads(mtp_out, targets, torch.ones_like(labels, dtype=torch.float32))
             output.update(align_mtp_outputs({
                 k: torch.nested.nested_tensor_from_jagged(v[0], offsets=data["input_ids"].offsets())
                 for k, v in scored.items()

@@ -1,9 +1,12 @@
 """verl plugin: puts verl-mtp's Megatron engine in verl's ``EngineRegistry``.
 
 verl imports this module on ``import verl`` (entry point group ``verl.plugins``, or
-``VERL_USE_EXTERNAL_MODULES=verl_mtp.plugin``), so the engine is in place inside every Ray worker. verl logs
-plugin import errors only at debug level; this module reports its own failure as a warning before raising,
-so a broken install is never silent.
+``VERL_USE_EXTERNAL_MODULES=verl_mtp.plugin``), so the engine is in place inside every Ray worker.
+
+When a script imports a ``verl_mtp`` module before verl, verl runs this plugin while that module is still
+half-imported; registering then would be a circular import, so it is deferred. It is never skipped: building
+an ``MtpRLConfig`` with a regime (what every worker does before it builds its engine) calls :func:`register`.
+Any other failure is reported as a warning (verl itself logs plugin errors only at debug level) and raised.
 """
 
 import logging
@@ -26,6 +29,11 @@ def register() -> None:
 
 try:
     register()
+except ImportError as e:
+    if "partially initialized module 'verl_mtp" not in str(e):
+        logger.warning("verl_mtp plugin failed to register its Megatron engine", exc_info=True)
+        raise
+    logger.info("verl_mtp plugin: engine registration deferred to MtpRLConfig (import order): %s", e)
 except Exception:
     logger.warning("verl_mtp plugin failed to register its Megatron engine", exc_info=True)
     raise

@@ -23,6 +23,7 @@ from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_lo
 from verl.utils.megatron_utils import patch_engine_mtp
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
+from support.mtp_batches import bshd_head_labels
 from verl_mtp.workers.config import MtpRLConfig
 
 VOCAB = 48
@@ -72,8 +73,7 @@ def score(model, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     b, s = batch["ids"].shape
     out = pop_mtp_rl_output(model)
     assert out is not None and out.num_heads == K
-    starts = torch.arange(b) * s
-    scored = score_mtp_heads(out, batch["labels"], batch["temperature"], starts, batch["lengths"])
+    scored = score_mtp_heads(out, bshd_head_labels(batch["ids"], batch["lengths"], K), batch["temperature"])
     scored["log_probs"] = vocab_parallel_log_probs_from_logits(
         logits / batch["temperature"].unsqueeze(-1), batch["labels"]
     )

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
@@ -257,3 +260,18 @@ def test_config_path_raises_value_error_naming_the_setting(case):
     assert cause is not None, f"no ValueError behind {info.value!r}"
     assert setting in str(cause)
     assert setting in str(info.value)  # what the user sees on the console names it too
+
+
+def test_engine_is_registered_whatever_the_import_order():
+    """Importing a verl_mtp module before verl makes verl run the plugin mid-import (deferred registration);
+    building a regime config must still leave verl-mtp's engine in verl's registry."""
+    code = (
+        "import verl_mtp.models.mcore.mtp_patch\n"
+        "from verl.workers.engine.base import EngineRegistry\n"
+        "from verl_mtp.workers.config import MtpRLConfig\n"
+        "MtpRLConfig(enable=True, mtp_loss_type='rl')\n"
+        "print(EngineRegistry._engines['language_model']['megatron']['cuda'].__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "MegatronMTPEngineWithLMHead"

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+from support.mtp_batches import bshd_head_labels
 from support.tiny_mcore import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl.utils.megatron_utils import patch_engine_mtp
-from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_ce_key, mtp_output_keys
+from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, head_labels, mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
 from verl_mtp.workers.config import MtpRLConfig
 
@@ -86,7 +87,7 @@ def rl_forward_bshd(model, seqs, temperature):
     out = pop_mtp_rl_output(model)
     starts = torch.arange(b) * s
     temp = torch.full((b, s), temperature)
-    scored = score_mtp_heads(out, labels, temp, starts, torch.tensor(lengths))
+    scored = score_mtp_heads(out, bshd_head_labels(ids, lengths, model.config.mtp_num_layers), temp)
     nested = {key: to_nested(v, starts.tolist(), lengths) for key, v in scored.items()}
     return logits, align_mtp_outputs(nested)
 
@@ -147,9 +148,15 @@ def test_packed_thd_head_log_probs_equal_each_sequence_alone(k, chunk):
     )
     model(ids, pos, None, labels=labels, packed_seq_params=params)
     out = pop_mtp_rl_output(model)
-    assert out.packed_seq_params is params
     starts = cu[:-1].long()
-    scored = score_mtp_heads(out, labels, torch.ones(1, total), starts, torch.tensor(lengths))
+    nested_ids = torch.nested.nested_tensor(seqs, layout=torch.jagged)
+    head_targets = []
+    for j in range(1, k + 1):  # x[i+k+1] placed at the padded offsets, as verl's THD packing does for TP > 1
+        buf = torch.zeros(1, total, dtype=torch.long)
+        for start, t in zip(starts.tolist(), head_labels(nested_ids, j).unbind()):
+            buf[0, start : start + len(t)] = t
+        head_targets.append(buf)
+    scored = score_mtp_heads(out, head_targets, torch.ones(1, total))
     aligned = align_mtp_outputs({key: to_nested(v, starts.tolist(), lengths) for key, v in scored.items()})
     assert_matches_naive(model, seqs, aligned, 1.0)
 

@@ -23,7 +23,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
-from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys, shift_packed
+from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
 __all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
@@ -43,7 +43,6 @@ class MTPRLOutput:
     output_weight: torch.Tensor | None
     runtime_gather_output: bool | None
     train_lm_head: bool
-    packed_seq_params: object | None  # THD layout (padded cu_seqlens) of this micro-batch; None for BSHD
     logprob_chunk_size: int  # > 0: chunked log-probs, no full-vocabulary logits kept; 0: via the output layer
     # the heads re-run on detached trunk inputs (``detached_head_ce_coef > 0``), for their own CE loss
     detached_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -100,32 +99,25 @@ def mtp_token_log_probs(
 
 
 def score_mtp_heads(
-    mtp_output: MTPRLOutput,
-    label: torch.Tensor,
-    temperature: torch.Tensor,
-    starts: torch.Tensor,
-    lengths: torch.Tensor,
+    mtp_output: MTPRLOutput, head_labels: list[torch.Tensor], temperature: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Every head's log-prob of its own target, and top-1 agreement, in the packed order of ``label``.
+    """Every head's log-prob of its own targets, and top-1 agreement, in the model's packed order.
 
-    ``label`` is the main head's target buffer (``x[i+1]`` at slot ``i``), ``[b, s]`` packed THD or padded
-    BSHD; ``starts``/``lengths`` locate each sequence in it (the engine derives them from the micro-batch).
-    Head ``k``'s target at slot ``i`` is ``label[i+k]`` of the same sequence.
+    ``head_labels[k-1]`` holds head ``k``'s targets (``x[i+k+1]`` at slot ``i``, see
+    :func:`verl_mtp.models.mcore.mtp_forward.pack_head_labels`); ``temperature`` is the main head's ``[b, s]``.
     """
-    flat_label = label.reshape(-1)
     scored = {}
     for k in range(1, mtp_output.num_heads + 1):
-        head_label, _ = shift_packed(flat_label, starts, lengths, -k)
-        head_label = head_label.view_as(label)
+        labels = head_labels[k - 1]
         log_probs, top1 = mtp_token_log_probs(
-            mtp_output, mtp_output.hidden_states[k - 1], head_label, temperature, mtp_output.train_lm_head
+            mtp_output, mtp_output.hidden_states[k - 1], labels, temperature, mtp_output.train_lm_head
         )
         lp_key, _, top1_key = mtp_output_keys(k)
         scored[lp_key] = log_probs
         scored[top1_key] = top1.to(log_probs.dtype)
         if mtp_output.detached_hidden_states is not None:  # plain next-token CE, as Megatron's (T = 1)
             ce_log_probs, _ = mtp_token_log_probs(
-                mtp_output, mtp_output.detached_hidden_states[k - 1], head_label, torch.ones_like(temperature), False
+                mtp_output, mtp_output.detached_hidden_states[k - 1], labels, torch.ones_like(temperature), False
             )
             scored[mtp_ce_key(k)] = ce_log_probs
     return scored
@@ -296,7 +288,6 @@ def _megatron_gptmodel_postprocess_rl(
         output_weight=output_weight,
         runtime_gather_output=runtime_gather_output,
         train_lm_head=self._verl_mtp_train_lm_head,
-        packed_seq_params=packed_seq_params,
         logprob_chunk_size=self._verl_mtp_logprob_chunk_size,
         detached_hidden_states=detached_chunks,
     )

@@ -131,6 +131,10 @@ class MtpRLConfig(MtpConfig):
         # Map the regime onto verl's own switches so verl's engine builds labels and patches accordingly.
         object.__setattr__(self, "enable_train", True)
         object.__setattr__(self, "detach_encoder", kind == "detach")
+        # The engine that implements the regimes must be the one verl builds, whatever the import order was.
+        from verl_mtp.plugin import register
+
+        register()
 
     @property
     def is_rl(self) -> bool:

@@ -3,9 +3,9 @@
 For every other setting this engine is verl's ``MegatronEngineWithLMHead`` unchanged. With ``rl`` it:
 
 1. installs the RL postprocess (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own MTP patch;
-2. in the logits processor, scores each head's targets (main labels shifted left by ``k`` inside each
-   packed sequence) under the main head's temperature, so verl unpacks the per-head log-probs exactly like
-   the main ones (TP padding, context-parallel gather);
+2. in the logits processor, scores each head's targets (``x[i+k+1]``, packed by verl's own packing like the
+   main labels) under the main head's temperature, so verl unpacks the per-head log-probs exactly like the
+   main ones (TP padding, context-parallel gather);
 3. shifts the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
 4. adds the OCC-scaled MTP policy term to verl's actor loss.
 """
@@ -17,8 +17,11 @@ import os
 
 import torch
 
+from verl.utils import tensordict_utils as tu
+from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
+from verl_mtp.models.mcore.mtp_forward import pack_head_labels
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config.mtp import MtpRLConfig
@@ -58,7 +61,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         if bad:
             raise NotImplementedError(
                 f"actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support {', '.join(bad)} yet "
-                "(actor.megatron.*); switch it off or use mtp_loss_type=detach. See docs/mtp_rl.md."
+                "(actor.megatron.*): the per-head targets and alignment are context-parallel aware, but Megatron's "
+                "MTP block under context parallelism is not verified; switch it off or use mtp_loss_type=detach. "
+                "See docs/mtp_rl.md."
             )
 
     def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):
@@ -73,18 +78,21 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         mtp_output = pop_mtp_rl_output(self._mtp_model) if self.mtp_rl else None
         if mtp_output is None:
             return ret
-        starts, lengths = self._packed_layout(batch, mtp_output, label)
-        ret.update(score_mtp_heads(mtp_output, label, temperature, starts, lengths))
+        head_labels = pack_head_labels(batch["input_ids"], mtp_output.num_heads, data_format, **self._packing(batch))
+        ret.update(score_mtp_heads(mtp_output, [t.view_as(label) for t in head_labels], temperature))
         return ret
 
-    def _packed_layout(self, batch, mtp_output, label) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start slot and true length of every sequence in the flattened (packed or padded) label buffer."""
-        lengths = batch["input_ids"].offsets().diff().to(label.device)
-        params = mtp_output.packed_seq_params
-        if params is not None:  # THD: sequences at the padded offsets, TP/CP alignment padding in between
-            return params.cu_seqlens_q_padded[:-1].to(label.device), lengths
-        row = label.shape[-1]  # BSHD: one sequence per row, left-aligned
-        return torch.arange(label.shape[0], device=label.device) * row, lengths
+    def _packing(self, batch) -> dict:
+        """The packing arguments verl's forward_step gives its own labels for this micro-batch."""
+        gpt = unwrap_model(self._mtp_model)
+        cfg = self.engine_config
+        return {
+            "use_fp8_padding": gpt.config.fp8 in ["e4m3", "hybrid"],
+            "local_cp_size": tu.get_non_tensor_data(data=batch, key="local_cp_size", default=None),
+            "pad_to_length_bucket": cfg.pad_to_length_bucket if cfg.pad_to_length and cfg.use_remove_padding else None,
+            "cp_layout": self._get_context_parallel_layout(gpt),
+            "forced_max_seqlen": tu.get_non_tensor_data(data=batch, key="forced_max_seqlen", default=None),
+        }
 
     def prepare_model_outputs(self, output: dict, data):
         output = super().prepare_model_outputs(output, data)
