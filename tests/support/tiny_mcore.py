@@ -33,7 +33,7 @@ under test that wrongly assumes CUDA still fails loudly):
 
 1. RNG tracker. Megatron forks a "model-parallel" RNG stream around dropout
    (``tensor_parallel.get_cuda_rng_tracker().fork()``); its ``CudaRNGStatesTracker.add`` /``fork`` call
-   ``torch.cuda.get_rng_state`` and fail without CUDA. We install ``_CPURNGStatesTracker`` (same
+   ``torch.cuda.get_rng_state`` and fail without CUDA. We install ``CPURNGStatesTracker`` (same
    interface, CPU generator states) as megatron's tracker and seed it the way
    ``model_parallel_cuda_manual_seed`` does. Megatron's ``model_parallel_cuda_manual_seed`` keeps working
    afterwards too (it reuses an initialised tracker; ``torch.cuda.manual_seed`` is lazy on CPU builds).
@@ -109,6 +109,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, 
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import GlobalMemoryBuffer
+from verl_mtp.utils.cpu.cuda_shim import CPURNGStatesTracker  # the CPU platform's tracker, shared
 
 __all__ = [
     "init_cpu_megatron",
@@ -131,36 +132,6 @@ _OWNS_PROCESS_GROUP = False
 # --------------------------------------------------------------------------------------------------------
 # Shim 1: CPU RNG tracker
 # --------------------------------------------------------------------------------------------------------
-class _CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
-    """``CudaRNGStatesTracker`` whose named streams are CPU generator states.
-
-    ``fork(name)`` swaps torch's default CPU generator to the named stream and back, so code run under
-    it (dropout in tensor-parallel regions) draws from its own reproducible stream, as on GPU.
-    Nested forks work because each fork saves and restores whatever state was current.
-    """
-
-    def add(self, name: str, seed: int) -> None:
-        if seed in self.seeds_:
-            raise Exception(f"seed {seed} already exists")
-        if name in self.states_:
-            raise Exception(f"rng state {name} already exists")
-        self._is_initialized = True
-        self.seeds_.add(seed)
-        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
-
-    @contextlib.contextmanager
-    def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
-        if name not in self.states_:
-            raise Exception(f"rng state {name} is not added")
-        outer_state = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(outer_state)
-
-
 def seed_cpu_rng_tracker(seed: int = 0) -> None:
     """(Re)install the CPU tracker as megatron's RNG tracker and seed its streams.
 
@@ -169,8 +140,8 @@ def seed_cpu_rng_tracker(seed: int = 0) -> None:
     public hook to choose the tracker class, hence the module globals.
     """
     tracker = mcore_random._CUDA_RNG_STATE_TRACKER
-    if not isinstance(tracker, _CPURNGStatesTracker):
-        tracker = _CPURNGStatesTracker()
+    if not isinstance(tracker, CPURNGStatesTracker):
+        tracker = CPURNGStatesTracker()
         mcore_random._CUDA_RNG_STATE_TRACKER = tracker
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     tp_rank = ep_rank = etp_rank = 0
@@ -364,7 +335,7 @@ def init_cpu_megatron(
     # initialize_model_parallel (re)creates megatron's CUDA buffer; replace it with the CPU one.
     if not isinstance(parallel_state._GLOBAL_MEMORY_BUFFER, _CPUGlobalMemoryBuffer):
         parallel_state._GLOBAL_MEMORY_BUFFER = _CPUGlobalMemoryBuffer()
-    if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, _CPURNGStatesTracker):
+    if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         seed_cpu_rng_tracker(0)
     if world_size > 1:
         _install_cpu_collective_buffers()

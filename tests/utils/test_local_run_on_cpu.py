@@ -234,46 +234,12 @@ CPU_OVERRIDES = dict(
 )
 
 
-def _with_mimo_mtp_fixes(base: type) -> type:
-    """Workaround for two bugs of ``verl_mtp.utils.cpu.mbridge_cpu.make_cpu_bridge(MimoBridge)`` (to be fixed
-    there; this subclass then changes nothing and can go):
-
-    1. its ``_get_gptmodel_args`` calls ``MimoBridge._get_gptmodel_args`` first, which builds the TE MTP spec
-       (``NameError: TESpecProvider`` without TransformerEngine) and passes the ``TransformerConfig`` as the
-       layer spec (``ValueError: Invalid spec`` in megatron-core 0.16.1, on GPU too); so take the GPT args
-       from ``LLMBridge`` and build the MTP block from the bridge's own (local) decoder layer spec;
-    2. ``MimoBridge._convert_mtp_param`` maps ``mtp.layers.j.transformer_layer.input_layernorm.weight``
-       through ``_ATTENTION_MAPPING``, which knows only TE's fused ``linear_qkv.layer_norm_weight``
-       (``NotImplementedError``); so add the local-spec name there.
-    """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-    from mbridge.core.llm_bridge import LLMBridge
-
-    class FixedCPUMimoBridge(base):
-        _ATTENTION_MAPPING = {
-            **base._ATTENTION_MAPPING,
-            "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"],
-        }
-
-        def _get_gptmodel_args(self) -> dict:
-            ret = LLMBridge._get_gptmodel_args(self)
-            if self.config.mtp_num_layers:
-                layer_spec = self._get_transformer_layer_spec().layer_specs[-1]
-                ret["mtp_block_spec"] = get_gpt_mtp_block_spec(self.config, layer_spec, use_transformer_engine=False)
-            return ret
-
-    return FixedCPUMimoBridge
-
-
 @pytest.fixture
-def cpu_mimo_bridge_registered(monkeypatch):
-    """The project's CPU bridge for ``mimo`` (plus the workaround above) in mbridge's registry, for one test."""
+def cpu_mimo_bridge_registered():
+    """The project's CPU (local-spec) bridges, ``mimo`` included, in mbridge's registry."""
     from verl_mtp.utils.cpu.mbridge_cpu import register_cpu_bridges
 
     register_cpu_bridges()
-    from mbridge.core.bridge import _MODEL_REGISTRY
-
-    monkeypatch.setitem(_MODEL_REGISTRY, "mimo", _with_mimo_mtp_fixes(_MODEL_REGISTRY["mimo"]))
 
 
 def _cpu_mimo_bridge(hf_config, **overrides):
@@ -363,11 +329,7 @@ def test_special_tokens_are_first_and_pad_is_zero():
     assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
 
 
-@pytest.mark.xfail(
-    reason="verl_mtp.utils.cpu.mbridge_cpu: MiMo MTP spec/name-mapping bugs, see _with_mimo_mtp_fixes",
-    raises=(NameError, ValueError, NotImplementedError),
-)
-def test_project_cpu_bridge_builds_mimo_without_workaround(tmp_path, cpu_cuda_device):
+def test_project_cpu_bridge_builds_mimo_with_mtp(tmp_path, cpu_cuda_device):
     from mbridge.models.mimo import MimoBridge
     from verl.workers.config.model import HFModelConfig, MtpConfig
     from verl_mtp.utils.cpu.mbridge_cpu import make_cpu_bridge

@@ -29,6 +29,7 @@ import contextlib
 import logging
 
 import torch
+from megatron.core.tensor_parallel import random as mcore_random
 
 from verl_mtp.utils.cpu import device_module as _cpu
 
@@ -77,59 +78,38 @@ def uninstall_cuda_shim() -> None:
     _originals.clear()
 
 
-class CPURNGStatesTracker:
-    """Megatron's ``CudaRNGStatesTracker`` interface on CPU generator states.
+class CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """Megatron's ``CudaRNGStatesTracker`` whose named streams are CPU generator states.
 
-    ``fork(name)`` swaps the global CPU generator to the named stream for the block and back, which is
-    what Megatron's tracker does with the CUDA generator (dropout in TP regions draws from it).
+    ``fork(name)`` swaps torch's default CPU generator to the named stream for the block and back, which is
+    what Megatron's tracker does with the CUDA generator (dropout in TP regions draws from it). Nested forks
+    work because each fork saves and restores whatever state was current.
     """
 
-    def __init__(self, *args, **kwargs):  # noqa: ARG002 - same signature as megatron's tracker
-        self.reset()
-
-    def is_initialized(self):
-        return self._is_initialized
-
-    def reset(self):
-        self._is_initialized = False
-        self.states_ = {}
-        self.seeds_ = set()
-
-    def get_states(self):
-        return {k: v.clone() for k, v in self.states_.items()}
-
-    def set_states(self, states):
-        self._is_initialized = True
-        self.states_ = {k: v.clone() for k, v in states.items()}
-
     def add(self, name, seed):
-        self._is_initialized = True
         if seed in self.seeds_:
             raise Exception(f"seed {seed} already exists")
         if name in self.states_:
-            raise Exception(f"cuda rng state {name} already exists")
+            raise Exception(f"rng state {name} already exists")
+        self._is_initialized = True
         self.seeds_.add(seed)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        self.states_[name] = gen.get_state()
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
     @contextlib.contextmanager
-    def fork(self, name="model-parallel-rng"):
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
         if name not in self.states_:
-            raise Exception(f"cuda rng state {name} is not added")
-        orig = torch.get_rng_state()
+            raise Exception(f"rng state {name} is not added")
+        outer_state = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:
             yield
         finally:
             self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(orig)
+            torch.set_rng_state(outer_state)
 
 
 def install_cpu_rng_tracker() -> None:
     """Make Megatron's global RNG tracker a :class:`CPURNGStatesTracker` (kept by later initialize calls)."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
     if isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         return
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
