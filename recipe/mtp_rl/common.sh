@@ -12,12 +12,15 @@
 #   SPEC_DECODE           1: vLLM speculative decoding with the model's own MTP heads (default: 0)
 #   SPEC_NUM_TOKENS       draft tokens per step for SPEC_DECODE=1 (default: 1)
 #   DRY_RUN               1: print the composed, resolved config and exit; nothing runs (default: 0)
+#   LOGGER                trainer.logger                                  (default: ["console","tensorboard"])
 #
 # Defines:
 #   MTP_ARGS        Hydra overrides for actor_rollout_ref.model.mtp (regime, coefficient, OCC, rollout)
 #   HYDRA_RUN_ARGS  "--cfg job --resolve" when DRY_RUN=1, else empty
 #   MTP_TAG         short name of the regime for experiment names
 #   mtp_rl_check_layout CP   fail early on a parallel layout the regime cannot run
+#   mtp_rl_overrides         the Hydra overrides every recipe passes, from the variables the script sets
+#                            (DATA_ARGS, ALGORITHM_ARGS, ACTOR_ARGS, REF_ARGS, ROLLOUT_ARGS, TRAINER_ARGS)
 
 MTP_MODE=${MTP_MODE:-rl_occ}
 MTP_COEF=${MTP_COEF:-0.1}
@@ -28,6 +31,7 @@ OCC_INITIAL_LAMBDA=${OCC_INITIAL_LAMBDA:-0.0}
 SPEC_DECODE=${SPEC_DECODE:-0}
 SPEC_NUM_TOKENS=${SPEC_NUM_TOKENS:-1}
 DRY_RUN=${DRY_RUN:-0}
+LOGGER=${LOGGER:-'["console","tensorboard"]'}
 
 _mtp_prefix=actor_rollout_ref.model.mtp
 
@@ -112,4 +116,125 @@ mtp_rl_check_layout() {
             "use CP=1 (e.g. TP2 PP2 CP1) or MTP_MODE=detach. See docs/mtp_rl.md." >&2
         exit 2
     fi
+}
+
+# The overrides the three recipes share, one array per block of the config, built from the variables the
+# calling script has set at its top (paths, the paper's budget, its algorithm and parallel layout):
+#   paths        MODEL_PATH TRAIN_FILE VAL_FILE CKPTS_DIR PROJECT_NAME EXP_NAME
+#   cluster      NNODES GPUS_PER_NODE
+#   model        TRUST_REMOTE_CODE (data and model)
+#   algorithm    MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH OVERLONG_BUFFER_LEN OVERLONG_PENALTY_FACTOR
+#                TRAIN_PROMPT_BSZ N_RESP_PER_PROMPT TRAIN_PROMPT_MINI_BSZ LR CLIP_RATIO_LOW CLIP_RATIO_HIGH
+#                CLIP_RATIO_C POLICY_LOSS_MODE LOSS_AGG_MODE FILTER_GROUPS FILTER_GROUPS_METRIC
+#                FILTER_MAX_INFLIGHT TOTAL_STEPS TEMPERATURE VAL_TOP_P VAL_N
+#   layout       TRAIN_TP TRAIN_PP TRAIN_CP GEN_TP GEN_GPU_MEMORY_UTILIZATION OFFLOAD VANILLA_MBRIDGE
+# All are required (set -u stops on a missing one). Checks the layout first (mtp_rl_check_layout).
+# Model-specific overrides (e.g. expert parallelism) stay in the script, next to these arrays.
+mtp_rl_overrides() {
+    mtp_rl_check_layout "${TRAIN_CP}"
+
+    local max_seq_len=$(( MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH ))
+    local actor_max_token_len=$(( max_seq_len * 2 ))
+    local infer_max_token_len=$(( max_seq_len * 3 ))
+
+    DATA_ARGS=(
+        data.train_files="${TRAIN_FILE}"
+        data.val_files="${VAL_FILE}"
+        data.prompt_key=prompt
+        data.truncation=left
+        data.max_prompt_length="${MAX_PROMPT_LENGTH}"
+        data.max_response_length="${MAX_RESPONSE_LENGTH}"
+        data.train_batch_size="${TRAIN_PROMPT_BSZ}"
+        data.trust_remote_code="${TRUST_REMOTE_CODE}"
+    )
+
+    # GRPO advantages, no critic, no KL; DAPO's dynamic sampling (FILTER_GROUPS) and its reward manager with
+    # the overlong-buffer penalty.
+    ALGORITHM_ARGS=(
+        algorithm.adv_estimator=grpo
+        critic.enable=False
+        algorithm.use_kl_in_reward=False
+        algorithm.kl_ctrl.kl_coef=0.0
+        algorithm.filter_groups.enable="${FILTER_GROUPS}"
+        algorithm.filter_groups.metric="${FILTER_GROUPS_METRIC}"
+        algorithm.filter_groups.max_inflight_gen_batches="${FILTER_MAX_INFLIGHT}"
+        reward.reward_manager.name=dapo
+        +reward.reward_kwargs.overlong_buffer_cfg.enable=True
+        +reward.reward_kwargs.overlong_buffer_cfg.len="${OVERLONG_BUFFER_LEN}"
+        +reward.reward_kwargs.overlong_buffer_cfg.penalty_factor="${OVERLONG_PENALTY_FACTOR}"
+        +reward.reward_kwargs.overlong_buffer_cfg.log=False
+        +reward.reward_kwargs.max_resp_len="${MAX_RESPONSE_LENGTH}"
+    )
+
+    ACTOR_ARGS=(
+        actor_rollout_ref.model.path="${MODEL_PATH}"
+        actor_rollout_ref.model.trust_remote_code="${TRUST_REMOTE_CODE}"
+        actor_rollout_ref.actor.strategy=megatron
+        actor_rollout_ref.actor.optim.lr="${LR}"
+        actor_rollout_ref.actor.optim.lr_warmup_steps=10
+        actor_rollout_ref.actor.optim.weight_decay=0.1
+        actor_rollout_ref.actor.optim.clip_grad=1.0
+        actor_rollout_ref.actor.ppo_mini_batch_size="${TRAIN_PROMPT_MINI_BSZ}"
+        actor_rollout_ref.actor.use_dynamic_bsz=True
+        actor_rollout_ref.actor.ppo_max_token_len_per_gpu="${actor_max_token_len}"
+        actor_rollout_ref.actor.clip_ratio_low="${CLIP_RATIO_LOW}"
+        actor_rollout_ref.actor.clip_ratio_high="${CLIP_RATIO_HIGH}"
+        actor_rollout_ref.actor.clip_ratio_c="${CLIP_RATIO_C}"
+        actor_rollout_ref.actor.policy_loss.loss_mode="${POLICY_LOSS_MODE}"
+        actor_rollout_ref.actor.loss_agg_mode="${LOSS_AGG_MODE}"
+        actor_rollout_ref.actor.entropy_coeff=0
+        actor_rollout_ref.actor.use_kl_loss=False
+        actor_rollout_ref.actor.kl_loss_coef=0.0
+        actor_rollout_ref.actor.megatron.use_mbridge=True
+        actor_rollout_ref.actor.megatron.vanilla_mbridge="${VANILLA_MBRIDGE}"
+        actor_rollout_ref.actor.megatron.tensor_model_parallel_size="${TRAIN_TP}"
+        actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="${TRAIN_PP}"
+        actor_rollout_ref.actor.megatron.context_parallel_size="${TRAIN_CP}"
+        actor_rollout_ref.actor.megatron.param_offload="${OFFLOAD}"
+        actor_rollout_ref.actor.megatron.optimizer_offload="${OFFLOAD}"
+    )
+
+    REF_ARGS=(
+        actor_rollout_ref.ref.megatron.tensor_model_parallel_size="${TRAIN_TP}"
+        actor_rollout_ref.ref.megatron.pipeline_model_parallel_size="${TRAIN_PP}"
+        actor_rollout_ref.ref.megatron.context_parallel_size="${TRAIN_CP}"
+        actor_rollout_ref.ref.megatron.param_offload="${OFFLOAD}"
+        actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
+        actor_rollout_ref.ref.log_prob_max_token_len_per_gpu="${infer_max_token_len}"
+    )
+
+    ROLLOUT_ARGS=(
+        actor_rollout_ref.rollout.name=vllm
+        actor_rollout_ref.rollout.n="${N_RESP_PER_PROMPT}"
+        actor_rollout_ref.rollout.tensor_model_parallel_size="${GEN_TP}"
+        actor_rollout_ref.rollout.gpu_memory_utilization="${GEN_GPU_MEMORY_UTILIZATION}"
+        actor_rollout_ref.rollout.enable_chunked_prefill=True
+        actor_rollout_ref.rollout.max_num_batched_tokens="${max_seq_len}"
+        actor_rollout_ref.rollout.temperature="${TEMPERATURE}"
+        actor_rollout_ref.rollout.top_p=1.0
+        actor_rollout_ref.rollout.top_k=-1
+        actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True
+        actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu="${infer_max_token_len}"
+        actor_rollout_ref.rollout.val_kwargs.do_sample=True
+        actor_rollout_ref.rollout.val_kwargs.temperature="${TEMPERATURE}"
+        actor_rollout_ref.rollout.val_kwargs.top_p="${VAL_TOP_P}"
+        actor_rollout_ref.rollout.val_kwargs.top_k=-1
+        actor_rollout_ref.rollout.val_kwargs.n="${VAL_N}"
+    )
+
+    TRAINER_ARGS=(
+        trainer.logger="${LOGGER}"
+        trainer.project_name="${PROJECT_NAME}"
+        trainer.experiment_name="${EXP_NAME}"
+        trainer.nnodes="${NNODES}"
+        trainer.n_gpus_per_node="${GPUS_PER_NODE}"
+        trainer.default_local_dir="${CKPTS_DIR}"
+        trainer.total_training_steps="${TOTAL_STEPS}"
+        trainer.total_epochs=100
+        trainer.val_before_train=True
+        trainer.test_freq=10
+        trainer.save_freq=50
+        trainer.resume_mode=auto
+        trainer.log_val_generations=10
+    )
 }

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 from megatron.core import parallel_state
-from support.tiny_mcore import causal_attention_mask
+from support.tiny_mcore import build_tiny_gpt, causal_attention_mask
 
 import verl  # noqa: F401  (import verl before verl_mtp: verl's plugin loader imports verl_mtp's engine)
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
@@ -28,7 +28,8 @@ from verl_mtp.workers.config import MtpRLConfig
 
 VOCAB = 48
 K = 2  # MTP heads
-MODEL_SEED = 7
+MODEL_SEED = 7  # the single-process reference model
+RANK_SEED = MODEL_SEED + 100  # the sharded models' init: nothing matches unless the reference is copied in right
 MODEL_KW = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, seq_len=16)
 
 
@@ -125,10 +126,42 @@ def load_tp_shards(model, params: dict[str, torch.Tensor]) -> None:
         p.copy_(shard)
 
 
-def reference_run(model, batch: dict) -> dict:
-    """Single-process forward + backward of ``scalar_loss``: scores, main logits and every parameter's grad."""
-    model.zero_grad(set_to_none=True)
+def forward_backward(model, batch: dict):
+    """Forward through the (last-stage) model, score every head, back-propagate ``scalar_loss``: (logits, scores)."""
     logits = forward_stage(model, batch)
     scored = score(model, logits, batch)
     scalar_loss(scored, batch).backward()
+    return logits, scored
+
+
+def reference_run(model, batch: dict) -> dict:
+    """Single-process forward + backward of ``scalar_loss``: scores, main logits and every parameter's grad."""
+    model.zero_grad(set_to_none=True)
+    logits, scored = forward_backward(model, batch)
     return {"scores": detached(scored), "logits": logits.detach().clone(), "grads": grads(model)}
+
+
+def rl_setting(cfg: dict) -> tuple[int, bool]:
+    """The part of a test configuration the single-process reference depends on: (logprob chunk, train_lm_head)."""
+    return cfg["chunk"], cfg["train_lm_head"]
+
+
+def save_reference_params(tmp_path_factory, name: str) -> str:
+    """Build the single-process reference model (``MODEL_SEED``) and save its parameters for the ranks to load."""
+    path = tmp_path_factory.mktemp(name) / "reference_params.pt"
+    torch.save(full_params(build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)), path)
+    return str(path)
+
+
+def reference_runs(configs) -> dict:
+    """``reference_run`` of the reference model on ``make_batch()``, once per distinct ``rl_setting`` of
+    ``configs``: ``{rl_setting: {"scores", "logits", "grads"}}``."""
+    batch = make_batch()
+    refs = {}
+    for cfg in configs:
+        key = rl_setting(cfg)
+        if key not in refs:
+            model = build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)
+            apply_rl(model, *key)
+            refs[key] = reference_run(model, batch)
+    return refs

@@ -32,15 +32,15 @@ from megatron.core import parallel_state
 from mtp_parallel_common import (
     K,
     MODEL_KW,
-    MODEL_SEED,
+    RANK_SEED,
     apply_rl,
     detached,
+    forward_backward,
     forward_stage,
-    full_params,
     make_batch,
-    reference_run,
-    scalar_loss,
-    score,
+    reference_runs,
+    rl_setting,
+    save_reference_params,
 )
 from support.tiny_mcore import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
 
@@ -92,14 +92,14 @@ def _pp_rank(info, params_path, configs):
     params = torch.load(params_path)
     batch = make_batch()
     b, s = batch["ids"].shape
-    results = {"stage": stage, "placement": _placement(build_tiny_gpt(K, seed=MODEL_SEED + 100, **MODEL_KW))}
+    results = {"stage": stage, "placement": _placement(build_tiny_gpt(K, seed=RANK_SEED, **MODEL_KW))}
     for cfg in configs:
-        model = build_tiny_gpt(K, seed=MODEL_SEED + 100, **MODEL_KW)
+        model = build_tiny_gpt(K, seed=RANK_SEED, **MODEL_KW)
         names = global_names(model)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(params[names[name]])
-        apply_rl(model, cfg["chunk"], cfg["train_lm_head"])
+        apply_rl(model, *rl_setting(cfg))
         scores = None
         if first:
             hidden = forward_stage(model, batch)  # [s, b, h]: not the last stage, the postprocess returns them
@@ -113,9 +113,7 @@ def _pp_rank(info, params_path, configs):
             dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             received.requires_grad_()
             model.set_input_tensor(received)
-            logits = forward_stage(model, batch)
-            scored = score(model, logits, batch)
-            scalar_loss(scored, batch).backward()
+            _, scored = forward_backward(model, batch)
             dist.send(received.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
             scores = detached(scored)
         grads = {names[n]: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -128,15 +126,9 @@ def _pp_rank(info, params_path, configs):
 
 @pytest.fixture(scope="module")
 def runs(cpu_megatron, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pp") / "pp1_params.pt"
-    torch.save(full_params(build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)), path)
-    batch = make_batch()
-    refs = {}
-    for cfg in CONFIGS:
-        model = build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)
-        apply_rl(model, cfg["chunk"], cfg["train_lm_head"])
-        refs[config_id(cfg)] = reference_run(model, batch)
-    ranks = sorted(run_cpu_ranks(_pp_rank, PP, str(path), CONFIGS), key=lambda r: r["stage"])
+    path = save_reference_params(tmp_path_factory, "pp")
+    refs = reference_runs(CONFIGS)
+    ranks = sorted(run_cpu_ranks(_pp_rank, PP, path, CONFIGS), key=lambda r: r["stage"])
     assert [r["stage"] for r in ranks] == [0, 1]
     return refs, ranks
 
@@ -160,7 +152,7 @@ def test_mtp_block_is_built_on_the_last_stage_only(runs):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_last_stage_head_log_probs_equal_pp1(runs, cfg):
     refs, (first, last) = runs
-    ref, got = refs[config_id(cfg)]["scores"], last[config_id(cfg)]["scores"]
+    ref, got = refs[rl_setting(cfg)]["scores"], last[config_id(cfg)]["scores"]
     assert first[config_id(cfg)]["scores"] is None
     assert got.keys() == ref.keys()
     for k in range(1, K + 1):
@@ -173,7 +165,7 @@ def test_last_stage_head_log_probs_equal_pp1(runs, cfg):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_pp2_gradients_equal_pp1(runs, cfg):
     refs, stages = runs
-    ref = refs[config_id(cfg)]["grads"]
+    ref = refs[rl_setting(cfg)]["grads"]
     per_stage = [st[config_id(cfg)]["grads"] for st in stages]
     owners = {name: [i for i, g in enumerate(per_stage) if name in g] for name in ref}
     assert all(owners.values()), [n for n, o in owners.items() if not o]

@@ -23,17 +23,16 @@ from megatron.core import parallel_state
 from mtp_parallel_common import (
     K,
     MODEL_KW,
-    MODEL_SEED,
+    RANK_SEED,
     apply_rl,
     detached,
-    forward_stage,
-    full_params,
+    forward_backward,
     grads,
     load_tp_shards,
     make_batch,
-    reference_run,
-    scalar_loss,
-    score,
+    reference_runs,
+    rl_setting,
+    save_reference_params,
     tp_layout,
     tp_shard,
 )
@@ -63,12 +62,10 @@ def _tp_rank(info, params_path, configs):
     batch = make_batch()
     results = {}
     for cfg in configs:
-        model = build_tiny_gpt(K, seed=MODEL_SEED + 100, sequence_parallel=cfg["sp"], **MODEL_KW)
+        model = build_tiny_gpt(K, seed=RANK_SEED, sequence_parallel=cfg["sp"], **MODEL_KW)
         load_tp_shards(model, params)
-        apply_rl(model, cfg["chunk"], cfg["train_lm_head"])
-        logits = forward_stage(model, batch)
-        scored = score(model, logits, batch)
-        scalar_loss(scored, batch).backward()
+        apply_rl(model, *rl_setting(cfg))
+        logits, scored = forward_backward(model, batch)
         sp_tagged = []
         for name, p in model.named_parameters():
             if getattr(p, "sequence_parallel", False) and p.grad is not None:
@@ -88,23 +85,15 @@ def _tp_rank(info, params_path, configs):
 @pytest.fixture(scope="module")
 def runs(cpu_megatron, tmp_path_factory):
     """TP = 1 references (pytest process) and the 2 ranks' TP = 2 results, one spawn for all configurations."""
-    path = tmp_path_factory.mktemp("tp") / "tp1_params.pt"
-    torch.save(full_params(build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)), path)
-    batch = make_batch()
-    refs = {}
-    for cfg in CONFIGS:
-        key = (cfg["chunk"], cfg["train_lm_head"])
-        if key not in refs:
-            model = build_tiny_gpt(K, seed=MODEL_SEED, **MODEL_KW)
-            apply_rl(model, *key)
-            refs[key] = reference_run(model, batch)
-    ranks = run_cpu_ranks(_tp_rank, TP, str(path), CONFIGS)
+    path = save_reference_params(tmp_path_factory, "tp")
+    refs = reference_runs(CONFIGS)
+    ranks = run_cpu_ranks(_tp_rank, TP, path, CONFIGS)
     return refs, ranks
 
 
 def _pairs(runs, cfg):
     refs, ranks = runs
-    ref = refs[(cfg["chunk"], cfg["train_lm_head"])]
+    ref = refs[rl_setting(cfg)]
     return ref, [r[config_id(cfg)] for r in ranks]
 
 
