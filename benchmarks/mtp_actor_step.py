@@ -1,138 +1,184 @@
 """Actor-update cost of each MTP regime against ``detach``, measured in one run.
 
-One actor micro-batch step = model forward with the regime's MTP patch, verl's ``ppo_loss`` (plus the MTP
-policy term for ``rl``), backward. Each (regime, vocabulary, sequence length) runs in its own fresh process
-so its peak resident memory is its own; step time is the median of timed repeats after a warm-up.
-Printed: one ratio per line against ``detach`` at the same size, and the OCC share of the ``rl_occ`` step.
+One actor micro-batch step = model forward with the regime's MTP patch (verl's for ``detach``/``ce``, ours for
+``rl``), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
+each on its own copy of the same model, and their steps are interleaved round by round, so a drift of the
+machine's speed hits every regime alike; each regime's step time is the median over rounds.
 
-    python benchmarks/mtp_actor_step.py                      # CPU default sizes (a few minutes on 2 cores)
-    python benchmarks/mtp_actor_step.py --vocab 151936 --seq 4096 --hidden 1024 --layers 8   # bigger
+Memory is the peak of live tensor bytes during a step, tracked exactly at the operator level (every tensor an
+operator allocates counts until it is freed), so it does not depend on the allocator or on other processes.
 
-The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) on CPU, built with the test
-support's CPU shims; on a GPU machine the same script measures the GPU when CUDA is available.
+Printed, one ratio per line: step time and peak tensor memory of each regime over ``detach`` at the same size,
+and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda).
+
+    python benchmarks/mtp_actor_step.py                                   # CPU default sizes
+    python benchmarks/mtp_actor_step.py --vocab 151936 --seq 4096 --hidden 1024 --layers 8
+
+The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) built with the test support's
+CPU shims, so this measures CPU here; the ratios, not the seconds, are what carries over.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import io
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+import weakref
 from functools import partial
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _measure(args) -> dict:
-    """Runs inside a child process: build, warm up, time ``args.repeats`` steps; report time and peak RSS."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import torch
-    from support.rl_batch import make_actor_batch
-    from support.tiny_mcore import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once, counting every storage an operator returns."""
 
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t):
+        if not isinstance(t, torch.Tensor) or t.is_nested:
+            return
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._seen:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, size=size):
+            self._seen.discard(key)
+            self.live -= size
+
+        weakref.finalize(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            self._track(t)
+        return out
+
+
+def build_regimes(args):
+    from hydra import compose, initialize_config_module
+    from support.tiny_mcore import build_tiny_gpt
+
+    from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
-    from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
-    from verl_mtp.models.mcore.mtp_forward import pack_head_labels
-    from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
-    from verl_mtp.trainer.ppo import mtp_occ
+    from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
     from verl_mtp.workers.config import MtpRLConfig, OCCConfig
     from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
-    torch.set_num_threads(args.threads)
-    regime = args.regime
-    loss_type = "rl" if regime.startswith("rl") else regime
-    mtp_cfg = MtpRLConfig(
-        enable=True,
-        mtp_loss_type=loss_type,
-        occ=OCCConfig(enable=regime == "rl_occ"),
-        logprob_chunk_size=0 if regime == "rl_materialised" else args.chunk,
-    )
-    model = build_tiny_gpt(
-        args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq,
-    )
-    patch_engine_mtp(model, type("M", (), {"mtp": mtp_cfg})())
-    if mtp_cfg.is_rl:
-        patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
-
-    from hydra import compose, initialize_config_module
-
-    from verl.utils.config import omega_conf_to_dataclass
-
     with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
         cfg = compose("mtp_ppo_megatron_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
-    actor_cfg = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-    base_loss = partial(ppo_loss, config=actor_cfg)
-    loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
+    base_loss = partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
+    regimes = {}
+    for regime in args.regimes:
+        mtp_cfg = MtpRLConfig(
+            enable=True,
+            mtp_loss_type="rl" if regime.startswith("rl") else regime,
+            occ=OCCConfig(enable=regime == "rl_occ"),
+            logprob_chunk_size=0 if regime == "rl_materialised" else args.chunk,
+        )
+        model = build_tiny_gpt(
+            args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+            num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
+            patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
+        if mtp_cfg.is_rl:
+            patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
+        loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
+        regimes[regime] = (model, loss_fn)
+    return regimes
 
-    prompt = args.seq // 4
-    data = make_actor_batch([prompt], [args.seq - prompt], vocab_size=args.vocab, seed=0)
+
+def make_step(args, model, loss_fn, data):
+    from support.tiny_mcore import causal_attention_mask, prepare_mtp_loss_tracker
+
+    from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
+    from verl_mtp.models.mcore.mtp_forward import pack_head_labels
+    from verl_mtp.models.mcore.mtp_patch import pop_mtp_rl_output, score_mtp_heads
+
     ids = data["input_ids"].values()[None]
     labels = torch.roll(ids, -1, dims=1)
     pos = torch.arange(args.seq)[None]
     mask = causal_attention_mask(1, args.seq)
-    occ_seconds = []
-    real_stats = mtp_occ.occ_statistics
-
-    def timed_stats(*a, **kw):
-        t0 = time.perf_counter()
-        out = real_stats(*a, **kw)
-        occ_seconds.append(time.perf_counter() - t0)
-        return out
-
-    import verl_mtp.workers.utils.losses as losses_mod
-
-    losses_mod.occ_statistics = timed_stats
+    offsets = data["input_ids"].offsets()
 
     def step():
         prepare_mtp_loss_tracker(args.heads)
         model.zero_grad(set_to_none=True)
         logits = model(ids, pos, mask, labels=labels)
+        # verl's main head: full logits, log-softmax, gather (fused kernels are off whenever MTP is on)
         log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
-        output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=data["input_ids"].offsets())}
+        output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=offsets)}
         mtp_out = pop_mtp_rl_output(model)
         if mtp_out is not None:
             targets = pack_head_labels(data["input_ids"], args.heads, "bshd")
             scored = score_mtp_heads(mtp_out, targets, torch.ones_like(labels, dtype=torch.float32))
-            output.update(align_mtp_outputs({
-                k: torch.nested.nested_tensor_from_jagged(v[0], offsets=data["input_ids"].offsets())
-                for k, v in scored.items()
-            }))
+            output.update(align_mtp_outputs(
+                {k: torch.nested.nested_tensor_from_jagged(v[0], offsets=offsets) for k, v in scored.items()}
+            ))
         loss, _ = loss_fn(model_output=output, data=data)
         loss.backward()
 
-    step()
-    times = []
-    occ_seconds.clear()
-    for _ in range(args.repeats):
+    return step
+
+
+def measure(args, vocab, seq):
+    import verl_mtp.workers.utils.losses as losses_mod
+    from support.rl_batch import make_actor_batch
+
+    args = argparse.Namespace(**{**vars(args), "vocab": vocab, "seq": seq})
+    regimes = build_regimes(args)
+    prompt = seq // 4
+    data = make_actor_batch([prompt], [seq - prompt], vocab_size=vocab, seed=0)
+    steps = {name: make_step(args, model, loss_fn, data) for name, (model, loss_fn) in regimes.items()}
+
+    occ_time = []
+    real_stats = losses_mod.occ_statistics
+
+    def timed_stats(*a, **kw):
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    occ_per_step = sum(occ_seconds) / args.repeats
-    if mtp_cfg.is_rl:  # OCC = the statistics plus lambda; the statistics dominate, lambda is a scalar division
-        occ_per_step = occ_per_step if regime == "rl_occ" else 0.0
-    return {
-        "step_s": statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "occ_s": occ_per_step,
-    }
+        out = real_stats(*a, **kw)
+        occ_time.append(time.perf_counter() - t0)
+        return out
 
-
-def _run_child(args, regime, vocab, seq) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--regime", regime, "--vocab", str(vocab), "--seq", str(seq),
-           "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
-           "--chunk", str(args.chunk), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{regime} vocab={vocab} seq={seq} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    peaks, times, occ_share = {}, {name: [] for name in steps}, []
+    for name, step in steps.items():  # warm-up, and the exact memory peak of one step
+        tracker = PeakTensorMemory()
+        with tracker:
+            step()
+        peaks[name] = tracker.peak
+    losses_mod.occ_statistics = timed_stats
+    try:
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                occ_time.clear()
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+                if name == "rl_occ":
+                    occ_share.append(sum(occ_time) / times[name][-1])
+    finally:
+        losses_mod.occ_statistics = real_stats
+    return {name: statistics.median(t) for name, t in times.items()}, peaks, occ_share
 
 
 def main():
@@ -142,31 +188,28 @@ def main():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=1, help="number of MTP heads")
-    p.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size of the rl regimes")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size of the chunked rl regimes")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--regime", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        args.vocab, args.seq = args.vocab[0], args.seq[0]
-        print(json.dumps(_measure(args)))
-        return
-    print(f"# model: hidden {args.hidden}, {args.layers} layers, {args.heads} MTP head(s); "
-          f"rl chunk {args.chunk}; median of {args.repeats} steps; each row its own process")
-    for vocab in args.vocab:
-        for seq in args.seq:
-            base = _run_child(args, "detach", vocab, seq)
-            print(f"vocab={vocab} seq={seq} detach: step {base['step_s']:.3f}s peak_rss {base['peak_rss_mb']:.0f}MB")
-            for regime in args.regimes:
-                if regime == "detach":
+    if "detach" not in args.regimes:
+        args.regimes.insert(0, "detach")
+    torch.set_num_threads(args.threads)
+    print(f"# model: hidden {args.hidden}, {args.layers} layers, {args.heads} MTP head(s); rl chunk {args.chunk}; "
+          f"median of {args.repeats} interleaved rounds; memory = peak live tensor bytes of one step")
+    for vocab in list(args.vocab):
+        for seq in list(args.seq):
+            times, peaks, occ_share = measure(args, vocab, seq)
+            base_t, base_m = times["detach"], peaks["detach"]
+            print(f"vocab={vocab} seq={seq} detach: step {base_t:.3f}s peak_tensor_mem {base_m / 2**20:.0f}MiB")
+            for name in args.regimes:
+                if name == "detach":
                     continue
-                r = _run_child(args, regime, vocab, seq)
-                line = (f"vocab={vocab} seq={seq} {regime}/detach: step_time {r['step_s'] / base['step_s']:.3f}x "
-                        f"peak_rss {r['peak_rss_mb'] / base['peak_rss_mb']:.3f}x")
-                if regime == "rl_occ":
-                    line += f" occ_share {100 * r['occ_s'] / r['step_s']:.3f}%"
+                line = (f"vocab={vocab} seq={seq} {name}/detach: step_time {times[name] / base_t:.3f}x "
+                        f"peak_mem {peaks[name] / base_m:.3f}x")
+                if name == "rl_occ" and occ_share:
+                    line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
                 print(line, flush=True)
 
 
