@@ -5,6 +5,10 @@
 * :mod:`.arithmetic_task`: a verifiable arithmetic task, parquet files in verl's RL dataset format and the
   ``compute_score`` reward function (``reward.custom_reward_function``).
 * :mod:`.mimo_config`: the transformers config class for ``model_type: "mimo"`` (transformers 5.10 has none).
+* :mod:`.sft_warmup`: a short SFT of that model (MTP heads included) with verl's SFT trainer on CPU.
+* :mod:`.launch`: the main job -- prepare, warm up, run verl's PPO trainer (DAPO / GSPO, any MTP regime) on
+  CPU, print one line per step, plot the curves (``python -m verl_mtp.utils.local_run.launch --help``).
+* :mod:`.metrics_view`: read verl's file-logger metrics, format the per-step line, draw the PNG.
 
 Importing this package registers that config class with ``AutoConfig`` (see :func:`register_mimo_config`),
 so ``actor_rollout_ref.model.external_lib=verl_mtp.utils.local_run`` makes verl read a ``mimo`` config
