@@ -93,7 +93,7 @@ def _atomic_dir(path: str, build) -> str:
     return path
 
 
-def prepare(prep_dir: str, mtp_layers: int = 1, seed: int = 0, sft_steps: int = 40, sft_lr: float = 3e-3,
+def prepare(prep_dir: str, mtp_layers: int = 1, seed: int = 0, sft_steps: int = 100, sft_lr: float = 3e-3,
             sft_batch: int = 32, max_operand: int = 9, env: Optional[dict] = None,
             log_file: Optional[str] = None) -> dict:
     """Base model, data and (``sft_steps > 0``) the SFT'd model under ``prep_dir``; returns their paths.
@@ -130,9 +130,9 @@ def prepare(prep_dir: str, mtp_layers: int = 1, seed: int = 0, sft_steps: int = 
             shutil.rmtree(sft_dir + ".work", ignore_errors=True)
             with open(os.path.join(sft_dir, "sft_warmup.json")) as f:
                 info = json.load(f)
-            _log(f"SFT warm-up done in {time.time() - t0:.0f}s: loss {info.get('loss_first'):.3f} -> "
-                 f"{info.get('loss_last'):.3f}, MTP-1 CE {info.get('mtp_1_ce_first'):.3f} -> "
-                 f"{info.get('mtp_1_ce_last'):.3f}")
+            _log(f"SFT warm-up done in {time.time() - t0:.0f}s: loss {mv.fmt_num(info.get('loss_first'))} -> "
+                 f"{mv.fmt_num(info.get('loss_last'))}, MTP-1 CE {mv.fmt_num(info.get('mtp_1_ce_first'))} -> "
+                 f"{mv.fmt_num(info.get('mtp_1_ce_last'))}")
         else:
             _log(f"SFT warm-up: cached {sft_dir}")
         out["model"] = out["sft"] = sft_dir
@@ -323,6 +323,15 @@ def _set_aside_previous(workdir: str) -> None:
     _log(f"moved the previous run in {workdir} to {dest} (use --resume to continue it instead)")
 
 
+def _print_log_tail(log_file: str, n: int = 40) -> None:
+    """The last ``n`` lines of the log that are not warnings (verl prints many)."""
+    _log(f"last lines of {log_file}:")
+    with open(log_file, errors="replace") as f:
+        lines = [ln for ln in f.readlines() if "warn" not in ln.lower()]
+    sys.stdout.write("".join(lines[-n:]))
+    sys.stdout.flush()
+
+
 def run(args) -> int:
     t_start = time.time()
     workdir = os.path.abspath(args.workdir)
@@ -334,8 +343,13 @@ def run(args) -> int:
     env = trainer_env()
 
     t0 = time.time()
-    paths = prepare(prep_dir, args.mtp_layers, args.seed, args.sft_steps, args.sft_lr, args.sft_batch,
-                    args.max_operand, env=env, log_file=log_file)
+    try:
+        paths = prepare(prep_dir, args.mtp_layers, args.seed, args.sft_steps, args.sft_lr, args.sft_batch,
+                        args.max_operand, env=env, log_file=log_file)
+    except RuntimeError as exc:
+        _log(str(exc))
+        _print_log_tail(log_file)
+        return 1
     t_prep = time.time() - t0
 
     overrides = trainer_overrides(args, paths["model"], paths["data"], workdir) + list(args.overrides)
@@ -400,10 +414,8 @@ def run(args) -> int:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     if rc != 0:
-        _log(f"trainer exited with code {rc}; last lines of {log_file}:")
-        with open(log_file, errors="replace") as f:
-            lines = [ln for ln in f.readlines() if "warn" not in ln.lower()]
-        sys.stdout.write("".join(lines[-40:]))
+        _log(f"trainer exited with code {rc}")
+        _print_log_tail(log_file)
         return rc
     _log(f"done: {len(merged)} steps logged; prepare {t_prep:.0f}s, trainer {t_train:.0f}s, "
          f"total {time.time() - t_start:.0f}s")
@@ -422,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--algo", choices=ALGOS, default="dapo", help="policy loss")
     ap.add_argument("--steps", type=int, default=20, help="total RL steps (with --resume: including the earlier ones)")
     ap.add_argument("--workdir", default="runs/main", help="metrics, plot, log, checkpoints, rollout dumps")
-    ap.add_argument("--prep-dir", default=None, help="cache of model / data / SFT (default <workdir>/prep)")
-    ap.add_argument("--mtp-layers", type=int, default=1, choices=(1, 2), help="MTP heads K of the tiny model")
+    ap.add_argument("--prep-dir", default=None, help="cache of model / data / SFT warm-up (None: <workdir>/prep)")
+    ap.add_argument("--mtp-layers", type=int, default=1, help="MTP heads K of the tiny model")
     ap.add_argument("--seed", type=int, default=0, help="model init, data, SFT, trainer seeds")
     ap.add_argument("--max-operand", type=int, default=9, help="task: a+b with a, b in [0, max_operand]")
     ap.add_argument("--sft-steps", type=int, default=100, help="SFT warm-up steps (0: RL from random weights)")

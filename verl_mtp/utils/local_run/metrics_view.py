@@ -109,6 +109,11 @@ def _num(x) -> Optional[float]:
     return x
 
 
+def fmt_num(x, spec: str = ".3f") -> str:
+    x = _num(x)
+    return f"{x:{spec}}" if x is not None else "-"
+
+
 def _fmt(x, spec: str, width: int) -> str:
     x = _num(x)
     return f"{x:{spec}}".rjust(width) if x is not None else "-".rjust(width)
@@ -217,9 +222,9 @@ def plot_runs(runs: dict[str, dict[int, dict]], out_png: str, title: str = "") -
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7, loc="best")
-        else:
+        elif not ax.lines:
             ax.text(0.5, 0.5, "not logged in this regime", ha="center", va="center", transform=ax.transAxes,
                     color="grey")
     if title:
