@@ -181,9 +181,11 @@ def plot_runs(runs: dict[str, dict[int, dict]], out_png: str, title: str = "") -
         c = colours[i % len(colours)]
         heads = max([num_heads(m) for m in metrics.values()] or [0])
         x, y = _series(metrics, REWARD)
-        ax_r.plot(x, y, "o", color=c, ms=3, alpha=0.5, label=f"{name} reward (per step)")
+        single = len(runs) == 1
+        ax_r.plot(x, y, "o", color=c, ms=3, alpha=0.5, label=f"{name} reward (per step)" if single else None)
         if len(y) >= 3:
-            ax_r.plot(x, _running_mean(y, 3), "-", color=c, lw=2, label=f"{name} reward (3-step mean)")
+            ax_r.plot(x, _running_mean(y, 3), "-", color=c, lw=2,
+                      label=f"{name} reward (3-step mean)" if single else f"{name} (dots: per step, line: 3-step mean)")
         x, y = _series(metrics, EXACT)
         if x and len(runs) == 1:
             ax_r.plot(x, y, ":", color=c, label=f"{name} exact-answer rate")
