@@ -8,9 +8,5 @@ benchmarks), :mod:`.engine` (``EngineRegistry`` "cpu"), :mod:`.optimizer`, :mod:
 (local-spec mbridge bridges), :mod:`.rollout` (``hf_cpu`` rollout replica + server adapter), ``config/`` (the
 Megatron-on-CPU settings as a Hydra config group), :mod:`.engine_smoke`, :mod:`.testing` (a tiny real
 Megatron-Core GPT on CPU and a multi-process runner, for tests and benchmarks).
-Importing this package imports verl first and nothing else: verl's loading of ``VERL_USE_EXTERNAL_MODULES``
-imports :mod:`.plugin`, which imports the platform's modules, so it must run before any of their bodies starts
-(a Ray actor unpickling :mod:`.rollout` would otherwise meet it half-initialised).
+Importing this package does nothing by itself.
 """
-
-import verl  # noqa: F401  (verl's plugin loading before any verl_cpu module body, see above)

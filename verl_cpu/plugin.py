@@ -61,13 +61,12 @@ def register() -> None:
     from verl_cpu.bridges import register_cpu_bridges
     from verl_cpu.cuda import install_cuda_shim
     from verl_cpu.engine import install_cpu_engine_lookup
-    from verl_cpu.rollout import register_cpu_rollout
+    import verl_cpu.rollout  # noqa: F401  (registers the hf_cpu rollout where it is defined)
 
     install_cuda_shim()
     install_cpu_engine_lookup()
     patch_process_group_backend()
     register_cpu_bridges()
-    register_cpu_rollout()
 
 
 register()

@@ -260,9 +260,15 @@ class CPUServerAdapter(BaseRollout):
             await server.update_weights.remote(named, global_steps)
 
 
-def register_cpu_rollout() -> None:
+def _register_cpu_rollout() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: CPURolloutReplica)
     rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.CPUServerAdapter"
+
+
+# Registered where it is defined. The plugin only imports this module: in a Ray actor that unpickles this
+# module, verl's plugin loading imports it again while it is half-initialised, and a plain import is all
+# that then needs to succeed.
+_register_cpu_rollout()
