@@ -56,8 +56,9 @@ under test that wrongly assumes CUDA still fails loudly):
 Multi-process shims (installed only when the world size is > 1, i.e. inside ``run_cpu_ranks`` ranks):
 
 6. Collective buffers. Megatron's tensor-parallel collectives and linear layers allocate their output
-   buffers with ``device=torch.cuda.current_device()`` (``tensor_parallel.mappings`` / ``layers``). Inside
-   just those two modules the name ``torch`` is rebound to a proxy whose ``cuda.current_device()`` is the
+   buffers with ``device=torch.cuda.current_device()`` (``tensor_parallel.mappings`` / ``layers``), and so
+   does the MTP block's context-parallel ``roll_tensor`` (``transformer.multi_token_prediction``). Inside
+   just those three modules the name ``torch`` is rebound to a proxy whose ``cuda.current_device()`` is the
    CPU; everything else (and ``torch.cuda`` everywhere else) is the real torch. ``destroy_cpu_megatron``
    restores them.
 7. Pipeline-parallel embedding tie. With PP > 1 the MTP (last) stage keeps its own copy of the word
@@ -73,8 +74,8 @@ Multi-process shims (installed only when the world size is > 1, i.e. inside ``ru
    ``finalize_model_grads`` does).
 
 Not supported on CPU here: RoPE (``RotaryEmbedding.forward`` moves ``inv_freq`` to
-``torch.cuda.current_device()``, so the model uses learned absolute positions), context parallel (the local
-attention has no CP; ``cp`` must stay 1 in practice), TransformerEngine specs, fp16/bf16, virtual pipeline
+``torch.cuda.current_device()``, so the model uses learned absolute positions), context parallel with the
+default attention (the local attention has no CP: use ``cpu_attention=True``), TransformerEngine specs, fp16/bf16, virtual pipeline
 stages.
 """
 
@@ -105,6 +106,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel import layers as mcore_tp_layers
 from megatron.core.tensor_parallel import mappings as mcore_tp_mappings
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer import multi_token_prediction as mcore_mtp
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -218,7 +220,7 @@ class _TorchWithCPUCurrentDevice(types.ModuleType):
         return getattr(torch, name)
 
 
-_CPU_DEVICE_MODULES = (mcore_tp_mappings, mcore_tp_layers)
+_CPU_DEVICE_MODULES = (mcore_tp_mappings, mcore_tp_layers, mcore_mtp)
 
 
 def _install_cpu_collective_buffers() -> None:
@@ -374,6 +376,7 @@ def build_tiny_gpt(
     seed: int = 0,
     packed_attention: bool = False,
     sequence_parallel: bool = False,
+    cpu_attention: bool = False,
 ) -> GPTModel:
     """Build a real fp32 ``GPTModel`` on CPU with ``mtp_num_layers`` real MTP layers (0 = no MTP).
 
@@ -384,6 +387,8 @@ def build_tiny_gpt(
     caller's global RNG state is unchanged). The model is returned in training mode.
     ``packed_attention`` swaps in a core attention that honours packed ``cu_seqlens``
     (``support.packed_attention``), so THD micro-batches run on CPU; weights are the same as without it.
+    ``cpu_attention`` uses the CPU platform's core attention instead (``verl_mtp.utils.cpu.attention``: verl's
+    ``[b, s]`` padding masks, packed THD, and context parallelism over the zig-zag split), same weights.
 
     Under model parallelism (inside a ``run_cpu_ranks`` rank, after ``init_cpu_megatron(tp, pp, ...)``) the
     config takes megatron's current TP / PP / CP sizes and this rank builds its own shard and pipeline stage
@@ -421,10 +426,17 @@ def build_tiny_gpt(
         sequence_parallel=sequence_parallel,
         pipeline_dtype=torch.float32 if pp > 1 else None,
     )
+    if packed_attention and cpu_attention:
+        raise ValueError("packed_attention and cpu_attention are two alternative core attentions: pick one")
     if packed_attention:
         from support.packed_attention import packed_local_layer_spec
 
         layer_spec = packed_local_layer_spec()
+    elif cpu_attention:
+        from verl_mtp.utils.cpu.attention import CPUCoreAttention
+
+        layer_spec = get_gpt_layer_local_spec()
+        layer_spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
     else:
         layer_spec = get_gpt_layer_local_spec()
     mtp_block_spec = (
