@@ -26,7 +26,14 @@ from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_lo
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
-__all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
+__all__ = [
+    "MTPRLOutput",
+    "check_cp_roll_offsets",
+    "patch_postprocess_rl",
+    "pop_mtp_rl_output",
+    "mtp_token_log_probs",
+    "score_mtp_heads",
+]
 
 _OUTPUT_ATTR = "_verl_mtp_rl_output"
 
@@ -194,6 +201,26 @@ class _DetachedEmbedding:
         return self.embedding(*args, **kwargs).detach()
 
 
+def check_cp_roll_offsets(packed_seq_params, context_parallel_size: int) -> None:
+    """Refuse packed offsets that Megatron's MTP roll would misread under context parallelism.
+
+    Megatron-Core's ``roll_tensor`` splits each packed sequence at ``cu_seqlens_q / cp`` into the two zig-zag
+    chunks a CP rank holds, which is right only for the *padded* offsets (Megatron-LM issues #4495 / #6205:
+    unpadded ones silently shift the MTP inputs across chunks and sequences). verl's ``preprocess_thd_engine``
+    passes the padded offsets as both, so the check costs nothing on that path.
+    """
+    if context_parallel_size == 1 or packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return
+    offsets, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
+    if padded is None or offsets is padded or torch.equal(offsets, padded):
+        return
+    raise ValueError(
+        "mtp_loss_type=rl with context parallelism: PackedSeqParams.cu_seqlens_q differs from cu_seqlens_q_padded; "
+        "Megatron's MTP roll would split the sequences at the wrong offsets. Pack with verl's "
+        "preprocess_thd_engine (padded offsets in both) or set context_parallel_size=1."
+    )
+
+
 def _mtp_block_kwargs(mtp_block: torch.nn.Module, kwargs: dict) -> dict:
     """Keep only the optional keywords this Megatron-Core version's MTP block accepts (0.16 vs 0.17+)."""
     params = signature(mtp_block.forward).parameters
@@ -252,6 +279,7 @@ def _megatron_gptmodel_postprocess_rl(
 
     detached_chunks = None
     if mtp_in_postprocess:
+        check_cp_roll_offsets(packed_seq_params, self.config.context_parallel_size)
         optional = _mtp_block_kwargs(
             self.mtp,
             {"padding_mask": newer_kwargs.get("padding_mask"), "mhc_multistream": newer_kwargs.get("mhc_multistream")},
