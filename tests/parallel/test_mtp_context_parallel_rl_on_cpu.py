@@ -11,13 +11,13 @@ and the MTP policy loss with OCC (``MegatronMTPEngineWithLMHead.postprocess_micr
 ``ppo_loss``, DAPO clip-higher). Each CP rank back-propagates its loss; gradients are then summed over the CP
 group, as Megatron's gradient reduction over data-and-context parallel ranks does.
 
-Asserted against the single-process CP = 1 run of the same weights, per layout (THD / BSHD) and K:
-aligned log-probs of the main head (but its last slot per sequence, which scores whatever token verl's label roll
-puts there: the next sequence's first token, or CP padding) and of every MTP head, their valid masks and top-1 agreement (1e-5), the loss and
-each head's OCC lambda (1e-5 relative), and every parameter's gradient (embedding, decoder, MTP layers, output
-layer; 1e-5 relative + 1e-6 absolute). The lengths are not multiples of 2 * CP, so the CP packing pads inside the
-sequences' chunks: a roll or mask that used the unpadded offsets (the Megatron-LM #4495 / #6205 bug class), or a
-chunk placed at the wrong global position, changes the numbers.
+Asserted against the single-process CP = 1 run of the same weights, per layout (THD / BSHD) and K: aligned
+log-probs of the main head (but its last slot per sequence, which scores whatever token verl's label roll puts
+there: the next sequence's first token, or CP padding) and of every MTP head, their valid masks and top-1
+agreement (1e-5), the loss and each head's OCC lambda (1e-5 relative), and every parameter's gradient (embedding,
+decoder, MTP layers, output layer; 1e-5 relative + 1e-6 absolute). The lengths are not multiples of 2 * CP, so
+the CP packing pads every sequence: a roll or mask that used the unpadded offsets (the Megatron-LM #4495 / #6205
+bug class), or a chunk placed at the wrong global position, changes the numbers.
 """
 
 from functools import partial
@@ -141,7 +141,9 @@ def _setup_model(num_heads: int, seed: int, fmt: str, params=None):
 def run_config(fmt: str, num_heads: int, params=None, seed: int = MODEL_SEED) -> dict:
     model = _setup_model(num_heads, seed, fmt, params)
     model_output, loss, lambdas = engine_micro_batch(model, fmt, num_heads)
-    return {"params": full_params(model), "outputs": model_output, "loss": loss, "lambda": lambdas, "grads": grads(model)}
+    return {
+        "params": full_params(model), "outputs": model_output, "loss": loss, "lambda": lambdas, "grads": grads(model)
+    }
 
 
 def _cp_rank(info, reference_params):
@@ -162,7 +164,7 @@ def _cp_rank(info, reference_params):
 def runs(cpu_megatron):
     refs = {cfg: run_config(*cfg) for cfg in CONFIGS}
     params = {k: refs[("thd", k)]["params"] for k in (1, 2)}
-    ranks = run_cpu_ranks(_cp_rank, CP, params)
+    ranks = run_cpu_ranks(_cp_rank, CP, params, timeout_s=900)
     assert sorted(r["cp_rank"] for r in ranks) == [0, 1]
     return refs, ranks
 

@@ -75,8 +75,8 @@ Multi-process shims (installed only when the world size is > 1, i.e. inside ``ru
 
 Not supported on CPU here: RoPE (``RotaryEmbedding.forward`` moves ``inv_freq`` to
 ``torch.cuda.current_device()``, so the model uses learned absolute positions), context parallel with the
-default attention (the local attention has no CP: use ``cpu_attention=True``), TransformerEngine specs, fp16/bf16, virtual pipeline
-stages.
+default attention (the local attention has no CP: use ``cpu_attention=True``), TransformerEngine specs,
+fp16/bf16, virtual pipeline stages.
 """
 
 from __future__ import annotations
