@@ -1,6 +1,6 @@
 """CP = 2 on 2 gloo CPU ranks: the CPU platform's context-parallel attention, and the MTP roll it enables.
 
-Attention (``verl_mtp.utils.cpu.context_parallel_attention``): each rank holds chunks ``r`` and ``3 - r`` of every
+Attention (``verl_cpu.context_parallel_attention``): each rank holds chunks ``r`` and ``3 - r`` of every
 sequence (zig-zag, sequences padded to a multiple of 4, split here by hand from the global tensors). Its outputs
 and the gradients of its own queries / keys / values (a fixed random linear loss on both ranks' outputs) must
 equal a naive per-sequence softmax attention over the unpadded sequences (1e-5), for packed THD with 3 sequences
@@ -19,12 +19,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.multi_token_prediction import roll_tensor
-from support.tiny_mcore import init_cpu_megatron, run_cpu_ranks
+from verl_cpu.context_parallel_attention import context_parallel_attention
+from verl_cpu.testing import init_cpu_megatron, run_cpu_ranks
 
-import verl  # noqa: F401  (import verl before verl_mtp)
 from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
 from verl_mtp.models.mcore.mtp_patch import check_cp_roll_offsets
-from verl_mtp.utils.cpu.context_parallel_attention import context_parallel_attention
 
 pytestmark = pytest.mark.multiprocess
 

@@ -28,17 +28,16 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_module
 from megatron.core import parallel_state
-from mtp_parallel_common import MODEL_KW, MODEL_SEED, RANK_SEED, apply_rl, full_params, grads, load_tp_shards
-from support.rl_batch import make_actor_batch
-from support.tiny_mcore import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
+from support.mtp_parallel import MODEL_KW, MODEL_SEED, RANK_SEED, apply_rl, full_params, grads, load_tp_shards
+from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, make_actor_batch, run_cpu_ranks
 
-import verl  # noqa: F401  (import verl before verl_mtp: verl's plugin loader imports verl_mtp's engine)
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
 from verl.utils import torch_functional as verl_F
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
+from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
 from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineWithLMHead
@@ -76,7 +75,7 @@ def actor_batch():
     return data
 
 
-def bare_engine(model, mtp_cfg: MtpRLConfig, fmt: str) -> MegatronMTPEngineWithLMHead:
+def bare_engine(hook: MTPRLPostprocess, mtp_cfg: MtpRLConfig, fmt: str) -> MegatronMTPEngineWithLMHead:
     """The product engine with only what one micro-batch's forward and loss read (``__init__`` skipped)."""
     engine = object.__new__(MegatronMTPEngineWithLMHead)
     engine.model_config = SimpleNamespace(mtp=mtp_cfg)
@@ -89,15 +88,15 @@ def bare_engine(model, mtp_cfg: MtpRLConfig, fmt: str) -> MegatronMTPEngineWithL
     )
     engine.tf_config = None
     engine.occ_state = OCCState(mtp_cfg.occ)
-    engine._mtp_model = model
+    engine.rl_postprocess = {hook.model: hook}
     return engine
 
 
-def engine_micro_batch(model, fmt: str, num_heads: int):
+def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
     """Forward (verl's model-engine forward + the engine's logits processor), loss and backward of one
     micro-batch: ``(model_output, loss, metrics)``."""
     mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
-    engine = bare_engine(model, mtp_cfg, fmt)
+    engine = bare_engine(hook, mtp_cfg, fmt)
     data = actor_batch()
     input_ids = data["input_ids"]
     processor = partial(
@@ -130,17 +129,17 @@ def engine_micro_batch(model, fmt: str, num_heads: int):
 
 
 def _setup_model(num_heads: int, seed: int, fmt: str, params=None):
-    model = build_tiny_gpt(num_heads, seed=seed, cpu_attention=True, **MODEL_KW)
+    model = build_tiny_gpt(num_heads, seed=seed, packed_attention=True, **MODEL_KW)
     if params is not None:
         load_tp_shards(model, params)
-    apply_rl(model, chunk=5, train_lm_head=True)
+    hook = apply_rl(model, chunk=5, train_lm_head=True)
     model.zero_grad(set_to_none=True)
-    return model
+    return model, hook
 
 
 def run_config(fmt: str, num_heads: int, params=None, seed: int = MODEL_SEED) -> dict:
-    model = _setup_model(num_heads, seed, fmt, params)
-    model_output, loss, lambdas = engine_micro_batch(model, fmt, num_heads)
+    model, hook = _setup_model(num_heads, seed, fmt, params)
+    model_output, loss, lambdas = engine_micro_batch(model, hook, fmt, num_heads)
     return {
         "params": full_params(model), "outputs": model_output, "loss": loss, "lambda": lambdas, "grads": grads(model)
     }
