@@ -12,7 +12,8 @@ causal mask on CUDA. verl 0.9.1's Megatron forward (``verl.models.mcore.model_fo
 It is also the attention of :func:`verl_cpu.testing.build_tiny_gpt` with ``packed_attention=True``.
 This module accepts all three forms: 2-D keep masks, 4-D Megatron masks and packed ``cu_seqlens`` (block-
 diagonal causal attention, using the padded offsets when present). Padded query rows attend to themselves
-only, so they never produce NaNs. Tensor/context parallel size 1 only (the CPU setting).
+only, so they never produce NaNs. Tensor parallel: each rank attends with its own heads. Context parallel
+(zig-zag split across the CP group): :mod:`verl_cpu.context_parallel_attention`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.parallel_state import get_context_parallel_group
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from verl_cpu.context_parallel_attention import context_parallel_attention
 
 
 class CPUCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None, **kwargs):
         super().__init__(config=config)
-        if config.tensor_model_parallel_size != 1 or config.context_parallel_size != 1:
-            raise NotImplementedError("CPUCoreAttention: tensor/context parallel size must be 1")
+        pg_collection = kwargs.get("pg_collection")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = pg_collection.cp if pg_collection is not None else get_context_parallel_group()
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -85,6 +91,10 @@ class CPUCoreAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         hn = query.shape[-1]
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(hn)
+        if self.cp_group is not None:
+            causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+            return context_parallel_attention(query, key, value, attention_mask, packed_seq_params, self.cp_group,
+                                              causal=causal, scale=scale, dropout_p=dropout)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, np, hn] (Attention squeezed the dummy batch dim)
             t, heads = query.shape[0], query.shape[1]

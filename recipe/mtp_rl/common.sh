@@ -18,7 +18,6 @@
 #   MTP_ARGS        Hydra overrides for actor_rollout_ref.model.mtp (regime, coefficient, OCC, rollout)
 #   HYDRA_RUN_ARGS  "--cfg job --resolve" when DRY_RUN=1, else empty
 #   MTP_TAG         short name of the regime for experiment names
-#   mtp_rl_check_layout CP   fail early on a parallel layout the regime cannot run
 #   mtp_rl_overrides         the Hydra overrides every recipe passes, from the variables the script sets
 #                            (DATA_ARGS, ALGORITHM_ARGS, ACTOR_ARGS, REF_ARGS, ROLLOUT_ARGS, TRAINER_ARGS)
 
@@ -107,17 +106,6 @@ if [[ "${DRY_RUN}" == "1" ]]; then
     HYDRA_RUN_ARGS=(--cfg job --resolve)
 fi
 
-# The rl regime (rl, rl_occ) does not support context parallelism yet: the engine would stop at start-up.
-# Fail here, before anything is scheduled, with the same advice.
-mtp_rl_check_layout() {
-    local cp=$1
-    if [[ "${_mtp_type}" == "rl" && "${cp}" -gt 1 ]]; then
-        echo "MTP_MODE=${MTP_MODE} (mtp_loss_type=rl) does not support context_parallel_size=${cp} > 1 yet;" \
-            "use CP=1 (e.g. TP2 PP2 CP1) or MTP_MODE=detach. See docs/mtp_rl.md." >&2
-        exit 2
-    fi
-}
-
 # The overrides the three recipes share, one array per block of the config, built from the variables the
 # calling script has set at its top (paths, the paper's budget, its algorithm and parallel layout):
 #   paths        MODEL_PATH TRAIN_FILE VAL_FILE CKPTS_DIR PROJECT_NAME EXP_NAME
@@ -128,11 +116,9 @@ mtp_rl_check_layout() {
 #                CLIP_RATIO_C POLICY_LOSS_MODE LOSS_AGG_MODE FILTER_GROUPS FILTER_GROUPS_METRIC
 #                FILTER_MAX_INFLIGHT TOTAL_STEPS TEMPERATURE VAL_TOP_P VAL_N
 #   layout       TRAIN_TP TRAIN_PP TRAIN_CP GEN_TP GEN_GPU_MEMORY_UTILIZATION OFFLOAD VANILLA_MBRIDGE
-# All are required (set -u stops on a missing one). Checks the layout first (mtp_rl_check_layout).
+# All are required (set -u stops on a missing one).
 # Model-specific overrides (e.g. expert parallelism) stay in the script, next to these arrays.
 mtp_rl_overrides() {
-    mtp_rl_check_layout "${TRAIN_CP}"
-
     local max_seq_len=$(( MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH ))
     local actor_max_token_len=$(( max_seq_len * 2 ))
     local infer_max_token_len=$(( max_seq_len * 3 ))

@@ -60,8 +60,8 @@ VAL_N=${VAL_N:-32}   # avg@32, as the paper reports
 # ---------------------------------------------------------------- parallel layout
 # Dense part TP4 x PP2 (46 decoder layers -> 23 per stage; the MTP layer sits on the last stage),
 # routed experts EP8 x ETP1. On 256 GPUs: DP 32 for the dense part, expert-DP 16. Context
-# parallelism stays off: mtp_loss_type=rl (MTP_MODE=rl, rl_occ) does not support CP > 1 yet, and
-# all four regimes keep one layout to stay comparable. detach / ce accept TRAIN_CP=2.
+# parallelism is off by default (one layout for all four regimes, to stay comparable); every regime,
+# rl included, accepts TRAIN_CP=2.
 TRAIN_TP=${TRAIN_TP:-4}
 TRAIN_PP=${TRAIN_PP:-2}
 TRAIN_CP=${TRAIN_CP:-1}

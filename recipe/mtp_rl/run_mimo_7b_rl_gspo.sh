@@ -61,12 +61,11 @@ VAL_TOP_P=${VAL_TOP_P:-0.7}
 VAL_N=${VAL_N:-32}   # avg@32, as the paper reports
 
 # ---------------------------------------------------------------- parallel layout
-# The paper trains with TP2 / PP2 / CP2. mtp_loss_type=rl (MTP_MODE=rl, rl_occ) does not support
-# context parallelism yet, so every mode here runs TP2 / PP2 / CP1 (DP 32 on 128 GPUs) to keep the
-# four regimes comparable. detach / ce accept TRAIN_CP=2.
+# The paper's layout, TP2 / PP2 / CP2 (DP 16 on 128 GPUs), in every mode: the four regimes stay
+# comparable, and mtp_loss_type=rl (MTP_MODE=rl, rl_occ) runs under context parallelism like the others.
 TRAIN_TP=${TRAIN_TP:-2}
 TRAIN_PP=${TRAIN_PP:-2}
-TRAIN_CP=${TRAIN_CP:-1}
+TRAIN_CP=${TRAIN_CP:-2}
 GEN_TP=${GEN_TP:-2}
 GEN_GPU_MEMORY_UTILIZATION=${GEN_GPU_MEMORY_UTILIZATION:-0.7}
 OFFLOAD=${OFFLOAD:-True}

@@ -8,8 +8,8 @@ a stand-in head whose log-prob at a slot is a fixed function of (token it reads,
 head ``k`` = f(x[j-k], x[j+1]) for ``j >= k``, invalid before. A target taken from the wrong slot, a shift across
 a sequence or a CP chunk boundary, or a padding slot leaking in changes the numbers.
 
-Megatron's own MTP block under CP (its ``roll_tensor`` exchange) needs TransformerEngine attention and is not run
-here; ``mtp_loss_type=rl`` therefore still refuses CP > 1 at start-up (test_mtp_context_parallel_on_cpu.py).
+Megatron's own MTP block under CP, end to end through the model, is checked against CP = 1 in
+test_mtp_context_parallel_rl_on_cpu.py.
 """
 
 import pytest

@@ -19,7 +19,8 @@ constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-para
   fused norms do (their grads are partial per TP rank, all-reduced by ``finalize_model_grads``).
 
 Not supported here: RoPE (``RotaryEmbedding.forward`` needs a CUDA ``inv_freq``; positions are learned
-absolute), context parallel attention, TransformerEngine specs, fp16/bf16, virtual pipeline stages.
+absolute), context parallel with the default local attention (it has no CP: use ``packed_attention=True``),
+TransformerEngine specs, fp16/bf16, virtual pipeline stages.
 Tested with megatron-core 0.16.1, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
 """
 
@@ -189,7 +190,8 @@ def _current_parallel_sizes() -> tuple[int, int, int]:
 
 def _layer_spec(packed_attention: bool):
     """Megatron's local layer spec; with ``packed_attention`` its core attention is the platform's
-    :class:`~verl_cpu.attention.CPUCoreAttention`, which honours packed (THD) ``cu_seqlens``."""
+    :class:`~verl_cpu.attention.CPUCoreAttention`, which honours packed (THD) ``cu_seqlens``, verl's ``[b, s]``
+    padding masks and context parallelism over the zig-zag split."""
     spec = get_gpt_layer_local_spec()
     if packed_attention:
         spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
@@ -214,7 +216,8 @@ def build_tiny_gpt(
     ``get_gpt_mtp_block_spec``. Dropout is 0 and positions are learned absolute; ``seq_len`` is the maximum
     sequence length. Weights are a pure function of ``seed`` (``use_cpu_initialization`` draws from torch's CPU
     generator, which is forked so the caller's global RNG state is unchanged). Returned in training mode.
-    ``packed_attention`` lets THD micro-batches run (TP = CP = 1); weights are the same as without it.
+    ``packed_attention`` uses the platform's core attention, so THD micro-batches and context parallelism
+    (CP > 1) run; weights are the same as without it.
 
     Under model parallelism (inside a ``run_cpu_ranks`` rank, after ``init_cpu_megatron(tp, pp, ...)``) the
     config takes megatron's current TP / PP / CP sizes and this rank builds its own shard and pipeline stage

@@ -22,7 +22,7 @@ import torch
 
 from verl.models.mcore.mtp_patch import _get_patching_model
 
-__all__ = ["MTPRLOutput", "MTPRLPostprocess", "patch_postprocess_rl"]
+__all__ = ["MTPRLOutput", "MTPRLPostprocess", "check_cp_roll_offsets", "patch_postprocess_rl"]
 
 
 @dataclass
@@ -66,6 +66,26 @@ class _DetachedEmbedding:
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.embedding(*args, **kwargs).detach()
+
+
+def check_cp_roll_offsets(packed_seq_params, context_parallel_size: int) -> None:
+    """Refuse packed offsets that Megatron's MTP roll would misread under context parallelism.
+
+    Megatron-Core's ``roll_tensor`` splits each packed sequence at ``cu_seqlens_q / cp`` into the two zig-zag
+    chunks a CP rank holds, which is right only for the *padded* offsets (Megatron-LM issues #4495 / #6205:
+    unpadded ones silently shift the MTP inputs across chunks and sequences). verl's ``preprocess_thd_engine``
+    passes the padded offsets as both, so the check costs nothing on that path.
+    """
+    if context_parallel_size == 1 or packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return
+    offsets, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
+    if padded is None or offsets is padded or torch.equal(offsets, padded):
+        return
+    raise ValueError(
+        "mtp_loss_type=rl with context parallelism: PackedSeqParams.cu_seqlens_q differs from cu_seqlens_q_padded; "
+        "Megatron's MTP roll would split the sequences at the wrong offsets. Pack with verl's "
+        "preprocess_thd_engine (padded offsets in both) or set context_parallel_size=1."
+    )
 
 
 _NOT_SET = object()
@@ -153,6 +173,7 @@ class MTPRLPostprocess:
             if self.detached_head_ce:
                 raise NotImplementedError("detached_head_ce_coef > 0 needs the MTP block in the postprocess stage")
             return trunk_hidden, None
+        check_cp_roll_offsets(kwargs.get("packed_seq_params"), gpt.config.context_parallel_size)
         accepted = signature(gpt.mtp.forward).parameters
         block_kwargs = {
             k: v for k, v in kwargs.items() if k in accepted and k not in ("hidden_states", "extra_block_kwargs")

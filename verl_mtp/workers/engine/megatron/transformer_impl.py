@@ -63,20 +63,21 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                 ).patch(chunk)
 
     def _check_mtp_rl_layout(self):
+        """Refuse, before anything is built, the layouts whose MTP inputs would be rolled wrongly.
+
+        Static context parallelism works: Megatron's MTP block rolls its inputs across the CP ranks' zig-zag
+        chunks with the padded packed offsets verl passes, and the head targets are packed by verl itself.
+        Dynamic CP regroups ranks per micro-batch, but the MTP block rolls over the static CP group.
+        """
         if not self.mtp_rl:
             return
-        cfg = self.engine_config
-        unsupported = {
-            "context_parallel_size > 1": cfg.context_parallel_size > 1,
-            "dynamic_context_parallel": bool(getattr(cfg, "dynamic_context_parallel", False)),
-        }
-        bad = [name for name, on in unsupported.items() if on]
-        if bad:
+        if bool(getattr(self.engine_config, "dynamic_context_parallel", False)):
             raise NotImplementedError(
-                f"actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support {', '.join(bad)} yet "
-                "(actor.megatron.*): the per-head targets and alignment are context-parallel aware, but Megatron's "
-                "MTP block under context parallelism is not verified; switch it off or use mtp_loss_type=detach. "
-                "See docs/mtp_rl.md."
+                "actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support "
+                "actor_rollout_ref.actor.megatron.dynamic_context_parallel=True: Megatron's MTP block rolls its "
+                "inputs over the static context-parallel group, not the per-micro-batch dynamic groups, so the "
+                "heads would see wrong tokens. Use dynamic_context_parallel=False with context_parallel_size > 1 "
+                "(supported), or mtp_loss_type=detach. See docs/mtp_rl.md."
             )
 
     def _pop_mtp_output(self):
