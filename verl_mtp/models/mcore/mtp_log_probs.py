@@ -9,6 +9,9 @@ Tensor parallelism follows Megatron's vocab-parallel output layer: each rank hol
 max / sum-exp / target logit are all-reduced over the TP group, and the input gradient is all-reduced by
 ``copy_to_tensor_model_parallel_region`` (sequence parallel: gathered / reduce-scattered like the output
 layer does it).
+
+The output-layer weight gradient follows Megatron's gradient-accumulation-fusion protocol when the layer uses
+it (:func:`verl_mtp.models.mcore.mtp_grad_fusion.hand_over_weight_grad`), so Megatron's DDP keeps it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+
+from verl_mtp.models.mcore.mtp_grad_fusion import hand_over_weight_grad
 
 __all__ = ["chunked_token_log_probs"]
 
@@ -31,7 +36,7 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 class _ChunkedTokenLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start, fuse_wgrad):
         n = hidden.shape[0]
         v_local = weight.shape[0]
         log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -59,6 +64,7 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
             top1[s:e] = _all_reduce(candidate, torch.distributed.ReduceOp.MIN, group)
         ctx.save_for_backward(hidden, weight, safe_labels, in_shard, inv_temperature, lse)
         ctx.chunk = chunk
+        ctx.fuse_wgrad = fuse_wgrad
         ctx.mark_non_differentiable(top1)
         return log_probs, top1
 
@@ -81,8 +87,8 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
             if need_w:
                 grad_weight.add_(grad_logits.t() @ hidden[s:e].float())
         if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            grad_weight = hand_over_weight_grad(weight, grad_weight, ctx.fuse_wgrad)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_token_log_probs(
@@ -92,11 +98,13 @@ def chunked_token_log_probs(
     temperature: torch.Tensor,
     chunk_size: int,
     sequence_parallel: bool = False,
+    gradient_accumulation_fusion: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(labels)`` and the top-1 token id of ``softmax(hidden @ weight.T / temperature)``.
 
     hidden: ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallel), weight: this rank's vocabulary shard
     ``[V/tp, h]``, labels / temperature: ``[s, b]``. Returns fp32 log-probs and long top-1 ids, ``[s, b]``.
+    ``gradient_accumulation_fusion``: the output layer's setting (its weight gradient then goes to ``main_grad``).
     """
     tp = mpu.get_tensor_model_parallel_world_size()
     group = mpu.get_tensor_model_parallel_group() if tp > 1 else None
@@ -117,5 +125,6 @@ def chunked_token_log_probs(
         chunk_size,
         group,
         vocab_start,
+        gradient_accumulation_fusion,
     )
     return log_probs.view(s, b), top1.view(s, b)

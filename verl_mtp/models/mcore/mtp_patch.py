@@ -24,6 +24,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
+from verl_mtp.models.mcore.mtp_grad_fusion import keep_mtp_stage_embedding_grad
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
 __all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
@@ -88,6 +89,7 @@ def mtp_token_log_probs(
             temperature.t(),
             mtp_output.logprob_chunk_size,
             sequence_parallel=mtp_output.output_layer.sequence_parallel,
+            gradient_accumulation_fusion=mtp_output.output_layer.gradient_accumulation_fusion,
         )
         return log_probs.t(), (top1 == labels_sb).t()
     logits = mtp_output.head_logits(hidden, trainable_weight)
@@ -181,6 +183,7 @@ def patch_postprocess_rl(
     gpt._verl_mtp_train_lm_head = train_lm_head
     gpt._verl_mtp_logprob_chunk_size = logprob_chunk_size
     gpt._verl_mtp_detached_head_ce = detached_head_ce
+    keep_mtp_stage_embedding_grad(gpt)
     gpt._postprocess = _megatron_gptmodel_postprocess_rl.__get__(gpt, gpt.__class__)
 
 
