@@ -92,8 +92,9 @@ def mtp_token_log_probs(
             gradient_accumulation_fusion=mtp_output.output_layer.gradient_accumulation_fusion,
         )
         return log_probs.t(), (top1 == labels_sb).t()
-    logits = mtp_output.head_logits(hidden, trainable_weight)
-    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
+    # fp32 from here on, as the main head: Megatron's Float16Module hands verl fp32 logits to divide and score
+    logits = mtp_output.head_logits(hidden, trainable_weight).float()
+    logits = logits / temperature.t().unsqueeze(-1).float()
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
         top1 = _vocab_parallel_argmax(logits)
     log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)
