@@ -20,7 +20,7 @@ from typing import Optional
 from verl.base_config import BaseConfig
 from verl.workers.config import MtpConfig
 
-__all__ = ["MTP_LOSS_TYPES", "OCC_SCOPES", "OCCConfig", "MtpRLConfig"]
+__all__ = ["MTP_LOSS_TYPES", "OCC_SCOPES", "OCCConfig", "MtpRLConfig", "check_distillation_settings", "check_megatron_mtp_settings"]
 
 MTP_LOSS_TYPES = ("detach", "ce", "rl")
 OCC_SCOPES = ("micro_batch", "data_parallel")
@@ -139,3 +139,40 @@ class MtpRLConfig(MtpConfig):
     @property
     def is_rl(self) -> bool:
         return self.enable and self.mtp_loss_type == "rl"
+
+
+def check_megatron_mtp_settings(mtp_config: MtpRLConfig, transformer_config) -> None:
+    """Refuse Megatron-Core model settings that silently change what ``mtp_loss_type`` trains.
+
+    ``mtp_detach_heads`` (Megatron-Core 0.19+; set through ``override_transformer_config`` or a bridge) cuts
+    the MTP block's inputs off the trunk, which is the ``detach`` regime: with ``ce`` or ``rl`` the trunk
+    would get no MTP gradient and the run would silently train the heads only.
+    """
+    kind = getattr(mtp_config, "mtp_loss_type", None)
+    if kind in ("ce", "rl") and getattr(transformer_config, "mtp_detach_heads", False):
+        raise ValueError(
+            f"Megatron-Core's mtp_detach_heads=True contradicts actor_rollout_ref.model.mtp.mtp_loss_type={kind} "
+            "(which trains the trunk through the MTP heads): set "
+            "actor_rollout_ref.actor.megatron.override_transformer_config.mtp_detach_heads=False, or use "
+            "mtp_loss_type=detach for head-only MTP training."
+        )
+
+
+def check_distillation_settings(mtp_config, distillation_config) -> None:
+    """Refuse ``mtp_loss_type=rl`` where verl's on-policy distillation has no task policy term.
+
+    The rl MTP term is the actor's policy loss on the task advantages, so it exists exactly where verl's own
+    task term does: with ``distillation.distillation_loss.use_task_rewards=True`` both are added (the
+    distillation term only to the main head). With ``use_task_rewards=False`` verl drops its task term (and
+    with top-k distillation, ``distillation_only``, computes no log-probs at all), so an rl MTP term would be
+    the only task signal left: refused at start-up, with the alternatives. Accepts dataclasses or OmegaConf.
+    """
+    if getattr(mtp_config, "mtp_loss_type", None) != "rl" or distillation_config is None:
+        return
+    if not distillation_config.enabled or distillation_config.distillation_loss.use_task_rewards:
+        return
+    raise ValueError(
+        "actor_rollout_ref.model.mtp.mtp_loss_type=rl trains the MTP heads with the task policy term, which verl "
+        "drops under distillation.distillation_loss.use_task_rewards=False: set use_task_rewards=True, or train "
+        "the heads with mtp_loss_type=detach (or ce) during distillation. See docs/mtp_rl.md."
+    )

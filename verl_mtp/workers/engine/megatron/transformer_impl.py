@@ -24,7 +24,7 @@ from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
 from verl_mtp.models.mcore.mtp_forward import pack_head_labels
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
-from verl_mtp.workers.config.mtp import MtpRLConfig
+from verl_mtp.workers.config.mtp import MtpRLConfig, check_megatron_mtp_settings
 from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
 __all__ = ["MegatronMTPEngineWithLMHead"]
@@ -39,6 +39,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
     def initialize(self):
         self._check_mtp_rl_layout()
         super().initialize()
+        if isinstance(self.model_config.mtp, MtpRLConfig):
+            for module in self.module:
+                check_megatron_mtp_settings(self.model_config.mtp, unwrap_model(module).config)
         if self.mtp_rl:
             self.occ_state = OCCState(self.model_config.mtp.occ)
             for module in self.module:
