@@ -105,12 +105,16 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
 
     def save_checkpoint(self, local_path: str, *args, **kwargs) -> None:
-        """verl's checkpoint (MTP weights are part of the Megatron model state) plus this rank's OCC state."""
-        super().save_checkpoint(local_path, *args, **kwargs)
+        """This rank's OCC state, then verl's checkpoint (MTP weights are part of the Megatron model state).
+
+        The OCC state goes first: verl's checkpoint manager uploads ``local_path`` to ``hdfs_path``
+        (``trainer.default_hdfs_dir``) at the end of its own save, and the state must be in that copy.
+        """
         if self.mtp_rl:
             os.makedirs(local_path, exist_ok=True)
             with open(self._occ_state_path(local_path), "w") as f:
                 json.dump(self.occ_state.state_dict(), f)
+        super().save_checkpoint(local_path, *args, **kwargs)
 
     def load_checkpoint(self, local_path: str, *args, **kwargs) -> None:
         occ_path = self._occ_state_path(local_path) if self.mtp_rl else None
