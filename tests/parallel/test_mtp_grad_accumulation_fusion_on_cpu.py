@@ -18,7 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from mtp_parallel_common import (
+from support.grad_accumulation_fusion import (
+    cpu_gradient_accumulation_fusion,
+    enable_gradient_accumulation_fusion,
+    wrap_megatron_ddp,
+)
+from support.mtp_parallel import (
     K,
     MODEL_KW,
     MODEL_SEED,
@@ -31,13 +36,8 @@ from mtp_parallel_common import (
     scalar_loss,
     score,
 )
-from support.grad_accumulation_fusion import (
-    cpu_gradient_accumulation_fusion,
-    enable_gradient_accumulation_fusion,
-    wrap_megatron_ddp,
-)
-from support.tiny_mcore import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
 from test_mtp_pipeline_parallel_on_cpu import POS_EMB, WORD_EMB, global_names
+from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
 
 CHUNKS = {"output_layer": 0, "chunked": 5}
 TIES = {"untied": False, "tied": True}
@@ -52,9 +52,9 @@ def lm_head_name(tied: bool) -> str:
 def unfused_grads(tied: bool, chunk: int, train_lm_head: bool = True) -> dict[str, torch.Tensor]:
     """The reference: plain autograd ``.grad`` of the single-process model over both micro-batches."""
     model = build_tiny_gpt(K, seed=MODEL_SEED, share_embeddings=tied, **MODEL_KW)
-    apply_rl(model, chunk, train_lm_head)
+    hook = apply_rl(model, chunk, train_lm_head)
     for seed in MICRO_BATCH_SEEDS:
-        forward_backward(model, make_batch(seed=seed))
+        forward_backward(model, hook, make_batch(seed=seed))
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -82,9 +82,9 @@ def test_fused_main_grads_equal_unfused_grads_pp1(cpu_megatron, tie, path):
         model = build_tiny_gpt(K, seed=MODEL_SEED, share_embeddings=tied, **MODEL_KW)
         enable_gradient_accumulation_fusion(model)
         ddp = wrap_megatron_ddp(model)
-        apply_rl(ddp, chunk, True)
+        hook = apply_rl(ddp, chunk, True)
         for seed in MICRO_BATCH_SEEDS:
-            forward_backward(ddp, make_batch(seed=seed))
+            forward_backward(ddp, hook, make_batch(seed=seed))
         ddp.finish_grad_sync()
     lm_head = dict(model.named_parameters())[lm_head_name(tied)]
     assert lm_head.grad_added_to_main_grad  # Megatron's fused path really ran
@@ -106,7 +106,7 @@ PP = 2
 PP_CONFIGS = [(tie, path) for tie in TIES for path in CHUNKS]
 
 
-def _run_stage(ddp, model, batch):
+def _run_stage(ddp, model, hook, batch):
     """One micro-batch through this pipeline stage, forward and backward, activations exchanged by hand."""
     b, s = batch["ids"].shape
     peer_next = parallel_state.get_pipeline_model_parallel_next_rank()
@@ -123,7 +123,7 @@ def _run_stage(ddp, model, batch):
         received.requires_grad_()
         model.set_input_tensor(received)
         logits = forward_stage(ddp, batch)
-        scalar_loss(score(ddp, logits, batch), batch).backward()
+        scalar_loss(score(hook, logits, batch), batch).backward()
         dist.send(received.grad.contiguous(), dst=peer_prev)
 
 
@@ -141,9 +141,9 @@ def _pp_rank(info, params_paths):
                         p.copy_(params[names[name]])
             enable_gradient_accumulation_fusion(model)
             ddp = wrap_megatron_ddp(model)
-            apply_rl(ddp, CHUNKS[path], True)
+            hook = apply_rl(ddp, CHUNKS[path], True)
             for seed in MICRO_BATCH_SEEDS:
-                _run_stage(ddp, model, make_batch(seed=seed))
+                _run_stage(ddp, model, hook, make_batch(seed=seed))
             ddp.finish_grad_sync()
             results[(tie, path)] = {names[n]: g for n, g in main_grads(model).items()}
     return results

@@ -20,16 +20,11 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import random as mcore_random
 from support.mtp_batches import bshd_head_labels
-from support.tiny_mcore import build_tiny_gpt, causal_attention_mask
+from verl_cpu.testing import build_tiny_gpt, causal_attention_mask
 
 from verl.utils.megatron_utils import patch_engine_mtp
-from verl_mtp.models.mcore.mtp_patch import (
-    MTPRLOutput,
-    mtp_token_log_probs,
-    patch_postprocess_rl,
-    pop_mtp_rl_output,
-    score_mtp_heads,
-)
+from verl_mtp.models.mcore.mtp_log_probs import mtp_token_log_probs, score_mtp_heads
+from verl_mtp.models.mcore.mtp_patch import MTPRLOutput, patch_postprocess_rl
 from verl_mtp.workers.config import MtpRLConfig
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
@@ -74,8 +69,8 @@ def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):
     model = build_tiny_gpt(k, vocab_size=48, seed=3)
     cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=True, logprob_chunk_size=chunk)
     with contextlib.redirect_stdout(None):  # verl's patch prints the model
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
-    patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
+    hook = patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
     if recompute:
         model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
         model.config.recompute_num_layers = 1
@@ -91,7 +86,7 @@ def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):
 
     with cpu_checkpoint_rng(), mock.patch.object(tensor_parallel, "checkpoint", counted_checkpoint):
         logits = model(ids, torch.arange(12).expand(2, 12).contiguous(), causal_attention_mask(2, 12), labels=labels)
-        scored = score_mtp_heads(pop_mtp_rl_output(model), bshd_head_labels(ids, [12, 12], k), torch.full((2, 12), 0.8))
+        scored = score_mtp_heads(hook.pop_output(), bshd_head_labels(ids, [12, 12], k), torch.full((2, 12), 0.8))
         weights = {key: torch.randn(v.shape, generator=g) for key, v in scored.items()}
         loss = sum((w * scored[key]).sum() for key, w in weights.items()) + (logits.float() ** 2).mean()
         loss.backward()

@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 from hydra import compose, initialize_config_module
-from support.tiny_mcore import build_tiny_gpt
+from verl_cpu.testing import build_tiny_gpt
 
 from verl.trainer.distillation.losses import distillation_ppo_loss
 from verl.utils.config import omega_conf_to_dataclass
