@@ -72,39 +72,50 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def build_regimes(args):
+def base_ppo_loss():
+    """verl's ``ppo_loss`` with the project's default actor config, as the worker installs it."""
     from hydra import compose, initialize_config_module
-    from support.tiny_mcore import build_tiny_gpt
 
     from verl.utils.config import omega_conf_to_dataclass
-    from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
+
+    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
+        cfg = compose("mtp_ppo_megatron_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
+    return partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
+
+
+def patch_regime(model, regime: str, chunk: int, base_loss):
+    """Install ``regime``'s MTP patch on ``model`` (verl's for detach/ce, ours for rl); return its loss."""
+    from verl.utils.megatron_utils import patch_engine_mtp
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
     from verl_mtp.workers.config import MtpRLConfig, OCCConfig
     from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose("mtp_ppo_megatron_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
-    base_loss = partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
+    mtp_cfg = MtpRLConfig(
+        enable=True,
+        mtp_loss_type="rl" if regime.startswith("rl") else regime,
+        occ=OCCConfig(enable=regime == "rl_occ"),
+        logprob_chunk_size=0 if regime == "rl_materialised" else chunk,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
+        patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
+    if mtp_cfg.is_rl:
+        patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
+    return with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
+
+
+def build_regimes(args):
+    from support.tiny_mcore import build_tiny_gpt
+
+    base_loss = base_ppo_loss()
     regimes = {}
     for regime in args.regimes:
-        mtp_cfg = MtpRLConfig(
-            enable=True,
-            mtp_loss_type="rl" if regime.startswith("rl") else regime,
-            occ=OCCConfig(enable=regime == "rl_occ"),
-            logprob_chunk_size=0 if regime == "rl_materialised" else args.chunk,
-        )
         model = build_tiny_gpt(
             args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
             num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
-            patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
-        if mtp_cfg.is_rl:
-            patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
-        loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
-        regimes[regime] = (model, loss_fn)
+        regimes[regime] = (model, patch_regime(model, regime, args.chunk, base_loss))
     return regimes
 
 
