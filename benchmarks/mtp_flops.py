@@ -84,6 +84,21 @@ _ATTENTION_OPS = {
 _SHADOW_NUMEL = 1 << 20  # batch-sized integer tensors: offsets, masks, labels
 
 
+def _moves_data(func, ins, outs) -> bool:
+    """Whether an operator reads or writes tensor data (not a view, alias or metadata query)."""
+    if func.is_view or not outs:
+        return False
+    if func._schema.is_mutable:
+        return True
+    inputs = {t.untyped_storage()._cdata for t in ins}
+    return not all(t.untyped_storage()._cdata in inputs for t in outs)
+
+
+def _bytes_touched(t: torch.Tensor) -> int:
+    """Bytes of ``t``, an expanded (stride 0) tensor counted once per element it really holds."""
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
 class StepCost(TorchDispatchMode):
     """Counts FLOPs, bytes moved and the peak of live tensor bytes of everything run under it.
 
@@ -199,9 +214,9 @@ class StepCost(TorchDispatchMode):
             if phase is not None:
                 self.phase_flops[phase] = self.phase_flops.get(phase, 0) + flops
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not func.is_view:
-            ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if _moves_data(func, ins, outs):
+            self.bytes += sum(_bytes_touched(t) for t in ins + outs)
         for t in outs:
             self._track(t)
         return out
