@@ -91,7 +91,9 @@ def mtp_token_log_probs(
         )
         return log_probs.t(), (top1 == labels_sb).t()
     logits = mtp_output.head_logits(hidden, trainable_weight)
-    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
+    # a contiguous [s, b] temperature keeps the logits (and so their gradient) in the output layer's layout;
+    # the transposed view would lay them out [b, s] and turn the layer's backward into a batched matmul
+    logits = logits / temperature.t().contiguous().unsqueeze(-1).to(logits.dtype)
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
         top1 = _vocab_parallel_argmax(logits)
     log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)
