@@ -254,8 +254,8 @@ def main():
             for name in args.regimes:
                 if name == "detach":
                     continue
-                line = (f"vocab={vocab} seq={seq} {name}/detach: step_time {RatioSpread.of(times[name], times['detach'])} "
-                        f"peak_mem {peaks[name] / base_m:.3f}x")
+                spread = RatioSpread.of(times[name], times["detach"])
+                line = f"vocab={vocab} seq={seq} {name}/detach: step_time {spread} peak_mem {peaks[name] / base_m:.3f}x"
                 if name == "rl_occ" and occ_share:
                     line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
                 print(line, flush=True)
