@@ -2,8 +2,10 @@
 
 One actor micro-batch step = model forward with the regime's MTP patch (verl's for ``detach``/``ce``, ours for
 ``rl``), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
-each on its own copy of the same model, and their steps are interleaved round by round, so a drift of the
-machine's speed hits every regime alike; each regime's step time is the median over rounds.
+each on its own copy of the same model, and their steps are interleaved round by round (each round starting
+with another regime), so a drift of the machine's speed hits every regime alike. A regime's time is read as
+its ratio over ``detach`` within each round: printed are the median ratio, its interquartile range and a
+bootstrap 95 % interval of the median, flagged when that interval holds 1.0 (the spread exceeds the effect).
 
 Memory is the peak of live tensor bytes during a step, tracked exactly at the operator level (every tensor an
 operator allocates counts until it is freed), so it does not depend on the allocator or on other processes.
@@ -11,8 +13,8 @@ operator allocates counts until it is freed), so it does not depend on the alloc
 Printed, one ratio per line: step time and peak tensor memory of each regime over ``detach`` at the same size,
 and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda).
 
-    python benchmarks/mtp_actor_step.py                                   # CPU default sizes
-    python benchmarks/mtp_actor_step.py --vocab 151936 --seq 4096 --hidden 1024 --layers 8
+    python -m benchmarks.mtp_actor_step                                   # CPU default sizes
+    python -m benchmarks.mtp_actor_step --vocab 151936 --seq 4096 --hidden 1024 --layers 8
 
 The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) built by ``verl_cpu.testing`` with the
 CPU platform's own mechanism, so this measures CPU here; the ratios, not the seconds, are what carries over.
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import random
 import statistics
 import time
 import weakref
@@ -68,38 +72,54 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def build_regimes(args):
+def base_ppo_loss():
+    """verl's ``ppo_loss`` with the project's default actor config, as the worker installs it."""
     from hydra import compose, initialize_config_module
 
     from verl.utils.config import omega_conf_to_dataclass
-    from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
-    from verl_cpu.testing import build_tiny_gpt
+
+    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
+        cfg = compose("mtp_ppo_megatron_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
+    return partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
+
+
+def patch_regime(model, regime: str, chunk: int, base_loss):
+    """Install ``regime``'s MTP patch on ``model`` (verl's for detach/ce, ours for rl).
+
+    Returns the regime's RL postprocess (``None`` for detach / ce) and its loss.
+    """
+    from verl.utils.megatron_utils import patch_engine_mtp
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
     from verl_mtp.workers.config import MtpRLConfig, OCCConfig
     from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose("mtp_ppo_megatron_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"])
-    base_loss = partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
+    mtp_cfg = MtpRLConfig(
+        enable=True,
+        mtp_loss_type="rl" if regime.startswith("rl") else regime,
+        occ=OCCConfig(enable=regime == "rl_occ"),
+        logprob_chunk_size=0 if regime == "rl_materialised" else chunk,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
+        patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg.with_regime_switches()})())
+    if not mtp_cfg.is_rl:
+        return None, base_loss
+    hook = patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
+    return hook, with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ))
+
+
+def build_regimes(args):
+    from verl_cpu.testing import build_tiny_gpt
+
+    base_loss = base_ppo_loss()
     regimes = {}
     for regime in args.regimes:
-        mtp_cfg = MtpRLConfig(
-            enable=True,
-            mtp_loss_type="rl" if regime.startswith("rl") else regime,
-            occ=OCCConfig(enable=regime == "rl_occ"),
-            logprob_chunk_size=0 if regime == "rl_materialised" else args.chunk,
-        )
         model = build_tiny_gpt(
             args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
             num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
-            patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg.with_regime_switches()})())
-        hook = patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size) if mtp_cfg.is_rl else None
-        loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
-        regimes[regime] = (model, hook, loss_fn)
+        regimes[regime] = (model, *patch_regime(model, regime, args.chunk, base_loss))
     return regimes
 
 
@@ -162,9 +182,12 @@ def measure(args, vocab, seq):
             step()
         peaks[name] = tracker.peak
     losses_mod.occ_statistics = timed_stats
+    names = list(steps)
     try:
-        for _ in range(args.repeats):
-            for name, step in steps.items():
+        for round_index in range(args.repeats):
+            # each round runs every regime once, starting with a different one, so order effects cancel
+            for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+                step = steps[name]
                 occ_time.clear()
                 t0 = time.perf_counter()
                 step()
@@ -173,7 +196,36 @@ def measure(args, vocab, seq):
                     occ_share.append(sum(occ_time) / times[name][-1])
     finally:
         losses_mod.occ_statistics = real_stats
-    return {name: statistics.median(t) for name, t in times.items()}, peaks, occ_share
+    return times, peaks, occ_share
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioSpread:
+    """A regime's step time over detach's, from the per-round ratios (same round = same machine state)."""
+
+    median: float
+    q1: float
+    q3: float
+    low: float  # 95 % bootstrap interval of the median
+    high: float
+
+    @classmethod
+    def of(cls, times: list[float], base: list[float], resamples: int = 2000, seed: int = 0) -> "RatioSpread":
+        ratios = [t / b for t, b in zip(times, base, strict=True)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rng = random.Random(seed)
+        boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+        return cls(statistics.median(ratios), q1, q3, boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1])
+
+    @property
+    def spread_exceeds_effect(self) -> bool:
+        """The interval holds 1.0: these rounds cannot tell the regime from detach."""
+        return self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        text = (f"{self.median:.3f}x (IQR {self.q1:.3f}-{self.q3:.3f}, "
+                f"95% CI of the median {self.low:.3f}-{self.high:.3f})")
+        return text + (" [spread exceeds the effect]" if self.spread_exceeds_effect else "")
 
 
 def main():
@@ -184,7 +236,7 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=1, help="number of MTP heads")
     p.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size of the chunked rl regimes")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median ratio is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     args = p.parse_args()
@@ -192,17 +244,18 @@ def main():
         args.regimes.insert(0, "detach")
     torch.set_num_threads(args.threads)
     print(f"# model: hidden {args.hidden}, {args.layers} layers, {args.heads} MTP head(s); rl chunk {args.chunk}; "
-          f"median of {args.repeats} interleaved rounds; memory = peak live tensor bytes of one step")
+          f"per-round ratios over {args.repeats} interleaved rounds: median, interquartile range, bootstrap "
+          f"interval; memory = peak live tensor bytes of one step")
     for vocab in list(args.vocab):
         for seq in list(args.seq):
             times, peaks, occ_share = measure(args, vocab, seq)
-            base_t, base_m = times["detach"], peaks["detach"]
+            base_t, base_m = statistics.median(times["detach"]), peaks["detach"]
             print(f"vocab={vocab} seq={seq} detach: step {base_t:.3f}s peak_tensor_mem {base_m / 2**20:.0f}MiB")
             for name in args.regimes:
                 if name == "detach":
                     continue
-                line = (f"vocab={vocab} seq={seq} {name}/detach: step_time {times[name] / base_t:.3f}x "
-                        f"peak_mem {peaks[name] / base_m:.3f}x")
+                spread = RatioSpread.of(times[name], times["detach"])
+                line = f"vocab={vocab} seq={seq} {name}/detach: step_time {spread} peak_mem {peaks[name] / base_m:.3f}x"
                 if name == "rl_occ" and occ_share:
                     line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
                 print(line, flush=True)

@@ -5,14 +5,18 @@
 ``logprob_chunk_size > 0``, without materialising a head's full-vocabulary logits:
 
 ``log p(y | h) = (h . w_y) / T - logsumexp_v((h . w_v) / T)``, computed over chunks of tokens: each chunk's
-logits ``[chunk, V/tp]`` live only inside the chunk loop, in the forward and again (recomputed) in the
-backward. Autograd keeps only the hidden states, the labels and one log-sum-exp per token, so a head costs
-``O(chunk * V/tp)`` transient memory instead of keeping ``T * V/tp`` logits until the backward pass.
+fp32 logits ``[chunk, V/tp]`` live only inside the forward's chunk loop. What the backward needs of them,
+``exp(logits - max)``, is kept in the hidden states' dtype (``T * V/tp`` values, half the bytes of the fp32
+softmax Megatron's cross-entropy keeps under bf16), so the backward never recomputes the head's matrix product
+and makes one pass over it per chunk: ``d log p_y / d logits = onehot(y) - softmax``.
 
-Tensor parallelism follows Megatron's vocab-parallel output layer: each rank holds a vocabulary shard, the
-max / sum-exp / target logit are all-reduced over the TP group, and the input gradient is all-reduced by
-``copy_to_tensor_model_parallel_region`` (sequence parallel: gathered / reduce-scattered like the output
-layer does it).
+Tensor parallelism follows Megatron's vocab-parallel output layer: each rank holds a vocabulary shard; per chunk
+one all-gather brings every rank's maximum and arg-maximum, one all-reduce sums the sum-exp and the target logit.
+The input gradient is all-reduced by ``copy_to_tensor_model_parallel_region`` (sequence parallel: gathered /
+reduce-scattered like the output layer does it).
+
+The output-layer weight gradient follows Megatron's gradient-accumulation-fusion protocol when the layer uses
+it (:func:`verl_mtp.models.mcore.mtp_grad_fusion.hand_over_weight_grad`), so Megatron's DDP keeps it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
+from verl_mtp.models.mcore.mtp_grad_fusion import hand_over_weight_grad
 
 if TYPE_CHECKING:
     from verl_mtp.models.mcore.mtp_patch import MTPRLOutput
@@ -35,66 +40,82 @@ if TYPE_CHECKING:
 __all__ = ["chunked_token_log_probs", "mtp_token_log_probs", "score_mtp_heads"]
 
 
-def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+def _global_max_and_argmax(local_max, local_arg, vocab_start, group):
+    """Maximum over the whole vocabulary and its lowest vocabulary id, from every rank's shard (one collective)."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return local_max, local_arg + vocab_start
+    pair = torch.stack([local_max.double(), (local_arg + vocab_start).double()])  # ids < 2**53: exact in fp64
+    gathered = [torch.empty_like(pair) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, pair, group=group)
+    maxes, ids = torch.stack(gathered).unbind(1)  # [tp, rows] each
+    global_max = maxes.max(dim=0).values
+    top1 = torch.where(maxes == global_max, ids, torch.full_like(ids, float("inf"))).min(dim=0).values
+    return global_max.to(local_max.dtype), top1.long()
+
+
+def _sum_over_shards(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(t, op=op, group=group)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
     return t
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """The head weight's gradient of one chunk, added to the fp32 accumulator."""
+    grad_weight.add_(grad_logits.t() @ hidden)
 
 
 class _ChunkedTokenLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start):
-        n = hidden.shape[0]
-        v_local = weight.shape[0]
+    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start, fuse_wgrad):
+        n, v_local = hidden.shape[0], weight.shape[0]
         log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        inv_sum_exp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         top1 = torch.empty(n, dtype=torch.long, device=hidden.device)
+        exp_shifted = torch.empty(n, v_local, dtype=hidden.dtype, device=hidden.device)  # kept for backward
         local_labels = labels - vocab_start
         in_shard = (local_labels >= 0) & (local_labels < v_local)
         safe_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            logits = (hidden[s:e] @ weight.t()).float() * inv_temperature[s:e, None]
+            # fp32 (at least) in the same pass as the temperature: the product promotes
+            logits = (hidden[s:e] @ weight.t()) * inv_temperature[s:e, None]
             local_max, local_arg = logits.max(dim=-1)
-            global_max = _all_reduce(local_max.clone(), torch.distributed.ReduceOp.MAX, group)
-            sum_exp = _all_reduce(
-                torch.exp(logits - global_max[:, None]).sum(-1), torch.distributed.ReduceOp.SUM, group
-            )
-            lse[s:e] = global_max + torch.log(sum_exp)
+            global_max, top1[s:e] = _global_max_and_argmax(local_max, local_arg, vocab_start, group)
             target = logits.gather(1, safe_labels[s:e, None]).squeeze(1) * in_shard[s:e]
-            target = _all_reduce(target, torch.distributed.ReduceOp.SUM, group)
-            log_probs[s:e] = target - lse[s:e]
-            # global argmax: the lowest vocabulary id among ranks holding the global maximum
-            candidate = torch.where(
-                local_max == global_max, local_arg + vocab_start, torch.full_like(local_arg, torch.iinfo(torch.long).max)
-            )
-            top1[s:e] = _all_reduce(candidate, torch.distributed.ReduceOp.MIN, group)
-        ctx.save_for_backward(hidden, weight, safe_labels, in_shard, inv_temperature, lse)
+            exp_chunk = exp_shifted[s:e] if exp_shifted.dtype == logits.dtype else logits
+            torch.exp(logits.sub_(global_max[:, None]), out=exp_chunk)
+            sum_exp, target = _sum_over_shards(torch.stack([exp_chunk.sum(-1, dtype=torch.float32), target]), group)
+            if exp_chunk is logits:
+                exp_shifted[s:e] = logits
+            log_probs[s:e] = target - global_max - torch.log(sum_exp)
+            inv_sum_exp[s:e] = sum_exp.reciprocal()
+        ctx.save_for_backward(hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp)
         ctx.chunk = chunk
+        ctx.fuse_wgrad = fuse_wgrad
         ctx.mark_non_differentiable(top1)
         return log_probs, top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_top1):
-        hidden, weight, safe_labels, in_shard, inv_temperature, lse = ctx.saved_tensors
+        hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        # d log p_y / d logits = (onehot(y) - exp_shifted / sum_exp) / T, times the upstream gradient
+        onehot_coef = grad_log_probs.float() * inv_temperature
+        softmax_coef = (-onehot_coef * inv_sum_exp).to(exp_shifted.dtype)
+        onehot_coef = (onehot_coef * in_shard).to(exp_shifted.dtype)
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hidden.shape[0])
-            g = grad_log_probs[s:e].float()
-            logits = (hidden[s:e] @ weight.t()).float() * inv_temperature[s:e, None]
-            # d log p_y / d logits = onehot(y) - softmax; the softmax comes from the saved global lse
-            grad_logits = torch.exp(logits - lse[s:e, None]).mul_(-g[:, None])
-            grad_logits.scatter_add_(1, safe_labels[s:e, None], (g * in_shard[s:e])[:, None])
-            grad_logits.mul_(inv_temperature[s:e, None])
+            grad_logits = exp_shifted[s:e] * softmax_coef[s:e, None]
+            grad_logits.scatter_add_(1, safe_labels[s:e, None], onehot_coef[s:e, None])
             if need_h:
                 grad_hidden[s:e] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                grad_weight.add_(grad_logits.t() @ hidden[s:e].float())
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden[s:e])
         if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            grad_weight = hand_over_weight_grad(weight, grad_weight, ctx.fuse_wgrad)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_token_log_probs(
@@ -104,11 +125,13 @@ def chunked_token_log_probs(
     temperature: torch.Tensor,
     chunk_size: int,
     sequence_parallel: bool = False,
+    gradient_accumulation_fusion: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(labels)`` and the top-1 token id of ``softmax(hidden @ weight.T / temperature)``.
 
     hidden: ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallel), weight: this rank's vocabulary shard
     ``[V/tp, h]``, labels / temperature: ``[s, b]``. Returns fp32 log-probs and long top-1 ids, ``[s, b]``.
+    ``gradient_accumulation_fusion``: the output layer's setting (its weight gradient then goes to ``main_grad``).
     """
     tp = mpu.get_tensor_model_parallel_world_size()
     group = mpu.get_tensor_model_parallel_group() if tp > 1 else None
@@ -129,6 +152,7 @@ def chunked_token_log_probs(
         chunk_size,
         group,
         vocab_start,
+        gradient_accumulation_fusion,
     )
     return log_probs.view(s, b), top1.view(s, b)
 
@@ -145,7 +169,7 @@ def mtp_token_log_probs(
     ``hidden`` is the head's ``[s, b, h]`` output; ``labels`` and ``temperature`` are ``[b, s]`` in the same
     packed order as the main head's. Vocab-parallel (correct for TP > 1). Works in Megatron's ``[s, b]`` order
     so the full-vocabulary logits are never transposed into a contiguous copy; with ``logprob_chunk_size``
-    they are not even kept for the backward pass.
+    the backward keeps only ``exp(logits - max)`` in the hidden states' dtype, never fp32 logits.
     """
     labels_sb = labels.t().contiguous()
     weight = mtp_output.head_weight(trainable_weight)
@@ -157,10 +181,14 @@ def mtp_token_log_probs(
             temperature.t(),
             mtp_output.logprob_chunk_size,
             sequence_parallel=mtp_output.output_layer.sequence_parallel,
+            gradient_accumulation_fusion=mtp_output.output_layer.gradient_accumulation_fusion,
         )
         return log_probs.t(), (top1 == labels_sb).t()
-    logits = mtp_output.head_logits(hidden, trainable_weight)
-    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
+    # fp32 from here on, as the main head: Megatron's Float16Module hands verl fp32 logits to divide and score.
+    # A contiguous [s, b] temperature keeps the logits (and so their gradient) in the output layer's layout;
+    # the transposed view would lay them out [b, s] and turn the layer's backward into a batched matmul
+    logits = mtp_output.head_logits(hidden, trainable_weight).float()
+    logits = logits / temperature.t().contiguous().unsqueeze(-1).float()
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
         top1 = _vocab_parallel_argmax(logits)
     log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)

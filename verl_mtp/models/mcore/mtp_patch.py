@@ -21,6 +21,7 @@ from inspect import signature
 import torch
 
 from verl.models.mcore.mtp_patch import _get_patching_model
+from verl_mtp.models.mcore.mtp_grad_fusion import keep_mtp_stage_embedding_grad
 
 __all__ = ["MTPRLOutput", "MTPRLPostprocess", "check_cp_roll_offsets", "patch_postprocess_rl"]
 
@@ -130,6 +131,7 @@ class MTPRLPostprocess:
         self._replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
         self._fallback = gpt._postprocess
         self.model = gpt
+        keep_mtp_stage_embedding_grad(gpt)
         gpt._postprocess = self
         return self
 

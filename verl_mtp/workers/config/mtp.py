@@ -33,6 +33,8 @@ __all__ = [
     "get_mtp_regime",
     "OCCConfig",
     "MtpRLConfig",
+    "check_megatron_mtp_settings",
+    "check_distillation_settings",
 ]
 
 OCC_SCOPES = ("micro_batch", "data_parallel")
@@ -124,8 +126,9 @@ class MtpRLConfig(MtpConfig):
     train_lm_head: whether the MTP policy loss may update the shared output layer (``rl`` only). Default
         False, as verl's MTP losses never update it: the main head's distribution stays the policy's own.
     logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl`` only):
-        the full-vocabulary logits of a head are never kept for the backward pass, only recomputed per
-        chunk. 0 runs the head through Megatron's output layer and keeps its logits (more memory).
+        a head's fp32 full-vocabulary logits live only per chunk; the backward keeps ``exp(logits - max)`` in
+        the hidden states' dtype. 0 runs the head through Megatron's output layer and keeps its logits (more
+        memory).
     detached_head_ce_coef: ``rl`` only, ours, off (0) by default. When > 0 the heads are run a second time on
         detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
         (split over heads), so they keep learning as in ``detach`` (speculative-decoding drafts stay fresh)
@@ -206,3 +209,42 @@ class MtpRLConfig(MtpConfig):
         if regime is None:
             return self
         return dataclasses.replace(self, enable_train=True, detach_encoder=regime.detach_encoder)
+
+
+def check_megatron_mtp_settings(mtp_config: MtpRLConfig, transformer_config) -> None:
+    """Refuse Megatron-Core model settings that silently change what ``mtp_loss_type`` trains.
+
+    ``mtp_detach_heads`` (Megatron-Core 0.19+; set through ``override_transformer_config`` or a bridge) cuts
+    the MTP block's inputs off the trunk, which is the ``detach`` regime: with a regime that trains the trunk
+    through the heads (``ce``, ``rl``) the trunk would get no MTP gradient and the run would silently train the
+    heads only.
+    """
+    regime = mtp_config.regime
+    if regime is not None and not regime.detach_encoder and getattr(transformer_config, "mtp_detach_heads", False):
+        raise ValueError(
+            f"Megatron-Core's mtp_detach_heads=True contradicts actor_rollout_ref.model.mtp.mtp_loss_type="
+            f"{regime.name} (which trains the trunk through the MTP heads): set "
+            "actor_rollout_ref.actor.megatron.override_transformer_config.mtp_detach_heads=False, or use "
+            "mtp_loss_type=detach for head-only MTP training."
+        )
+
+
+def check_distillation_settings(mtp_config, distillation_config) -> None:
+    """Refuse a policy-loss regime (``rl``) where verl's on-policy distillation has no task policy term.
+
+    The rl MTP term is the actor's policy loss on the task advantages, so it exists exactly where verl's own
+    task term does: with ``distillation.distillation_loss.use_task_rewards=True`` both are added (the
+    distillation term only to the main head). With ``use_task_rewards=False`` verl drops its task term (and
+    with top-k distillation, ``distillation_only``, computes no log-probs at all), so an rl MTP term would be
+    the only task signal left: refused at start-up, with the alternatives. Accepts dataclasses or OmegaConf.
+    """
+    name = getattr(mtp_config, "mtp_loss_type", None)
+    if name is None or distillation_config is None or not get_mtp_regime(name).policy_loss:
+        return
+    if not distillation_config.enabled or distillation_config.distillation_loss.use_task_rewards:
+        return
+    raise ValueError(
+        f"actor_rollout_ref.model.mtp.mtp_loss_type={name} trains the MTP heads with the task policy term, which "
+        "verl drops under distillation.distillation_loss.use_task_rewards=False: set use_task_rewards=True, or "
+        "train the heads with mtp_loss_type=detach (or ce) during distillation. See docs/mtp_rl.md."
+    )

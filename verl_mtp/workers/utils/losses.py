@@ -27,7 +27,7 @@ from verl.workers.config import ActorConfig
 from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_statistics
-from verl_mtp.workers.config.mtp import MtpRLConfig
+from verl_mtp.workers.config.mtp import MtpRLConfig, check_distillation_settings
 
 __all__ = ["mtp_policy_loss", "with_mtp_policy_loss"]
 
@@ -236,4 +236,5 @@ def with_mtp_policy_loss(base_loss_fn, mtp_config: MtpRLConfig, occ_state: OCCSt
             "mtp_loss_type=rl needs the actor loss as functools.partial(loss, config=ActorConfig) (what verl's "
             f"ActorRolloutRefWorker installs); got {base_loss_fn!r}"
         )
+    check_distillation_settings(mtp_config, base_loss_fn.keywords.get("distillation_config"))
     return partial(_loss_with_mtp, base_loss_fn=base_loss_fn, mtp_config=mtp_config, occ_state=occ_state)

@@ -24,13 +24,14 @@ import os
 import torch
 
 from verl.utils import tensordict_utils as tu
+from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
 from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
-from verl_mtp.workers.config.mtp import MtpRLConfig
+from verl_mtp.workers.config.mtp import MtpRLConfig, check_megatron_mtp_settings
 from verl_mtp.workers.engine.registry import replace_engine
 from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
@@ -52,6 +53,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
     def initialize(self):
         self._check_mtp_rl_layout()
         super().initialize()
+        if isinstance(self.model_config.mtp, MtpRLConfig):
+            for chunk in self.module:
+                check_megatron_mtp_settings(self.model_config.mtp, unwrap_model(chunk).config)
         if self.mtp_rl:
             mtp = self.model_config.mtp
             self.occ_state = OCCState(mtp.occ)
@@ -123,12 +127,16 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
 
     def save_checkpoint(self, local_path: str, *args, **kwargs) -> None:
-        """verl's checkpoint (MTP weights are part of the Megatron model state) plus this rank's OCC state."""
-        super().save_checkpoint(local_path, *args, **kwargs)
+        """This rank's OCC state, then verl's checkpoint (MTP weights are part of the Megatron model state).
+
+        The OCC state goes first: verl's checkpoint manager uploads ``local_path`` to ``hdfs_path``
+        (``trainer.default_hdfs_dir``) at the end of its own save, and the state must be in that copy.
+        """
         if self.mtp_rl:
             os.makedirs(local_path, exist_ok=True)
             with open(self._occ_state_path(local_path), "w") as f:
                 json.dump(self.occ_state.state_dict(), f)
+        super().save_checkpoint(local_path, *args, **kwargs)
 
     def load_checkpoint(self, local_path: str, *args, **kwargs) -> None:
         occ_path = self._occ_state_path(local_path) if self.mtp_rl else None

@@ -1,0 +1,51 @@
+"""The FLOP / memory counter of ``benchmarks.mtp_flops`` against counts done by hand.
+
+The counted step runs the real regime patches, verl's loss and the backward on a fake-tensor Megatron model, so
+the hand count below pins both the counter and what each regime computes: every regime's matrix products are
+those of ``detach`` (``rl`` adds no trunk work, and the chunked head keeps what its backward needs instead of
+recomputing the head's product).
+"""
+
+import pytest
+import torch
+
+from benchmarks.mtp_flops import ModelShape, StepCost, count_regimes
+
+pytestmark = pytest.mark.usefixtures("cpu_megatron")
+
+SHAPE = ModelShape(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48, vocab=64, source="test")
+SEQ = 24
+
+
+def hand_count(shape: ModelShape, t: int) -> int:
+    """Matrix-product FLOPs of one step: forward 2 per multiply-add, backward twice that (input + weight grad)."""
+    h, v, q, kv, f = shape.hidden, shape.vocab, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.ffn
+    layer_linear = h * (q + 2 * kv) + q * h + h * 2 * f + f * h  # qkv, proj, gated fc1, fc2
+    # torch counts the flash-attention operator for the full square: QK^T and PV forward, 2.5x that backward
+    layer_attention = 3.5 * 4 * t * t * q
+    layer = 6 * t * layer_linear + layer_attention
+    main_head = 6 * t * h * v
+    mtp = 6 * t * (2 * h) * h + layer  # eh_proj [2h -> h] and one transformer layer
+    mtp_head = 4 * t * h * v  # shared output weight, detached from the MTP loss: forward + input gradient
+    return int(shape.layers * layer + main_head + mtp + mtp_head)
+
+
+def test_every_regime_counts_exactly_the_hand_counted_products():
+    costs = count_regimes(SHAPE, SEQ, ["detach", "ce", "rl", "rl_occ", "rl_materialised"], chunk=7)
+    want = hand_count(SHAPE, SEQ)
+    assert {name: cost.flops for name, cost in costs.items()} == dict.fromkeys(costs, want)
+    assert costs["rl"].phase_flops.get("chunked_recompute", 0) == 0
+    assert costs["rl"].phase_flops["chunked_forward"] == 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+
+
+def test_bytes_and_peak_of_a_known_sequence_of_operators():
+    cost = StepCost(fake_mode=None)
+    with cost:
+        a = torch.ones(1000)  # writes 4000 bytes, live 4000
+        b = a * 2  # reads 4000, writes 4000, live 8000
+        del a  # live 4000
+        c = b.view(10, 100) + 1  # the view moves nothing; the add reads 4000, writes 4000, live 8000
+        del b, c
+    assert cost.bytes == 4000 + 8000 + 8000
+    assert cost.peak == 8000
+    assert cost.live == 0
