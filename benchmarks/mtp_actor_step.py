@@ -79,6 +79,7 @@ def build_regimes(args):
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
+    from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
     from verl_mtp.workers.config import MtpRLConfig, OCCConfig
@@ -103,6 +104,8 @@ def build_regimes(args):
             patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
         if mtp_cfg.is_rl:
             patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
+        else:  # what the engine does for verl's own MTP cross-entropy
+            keep_mtp_ce_off_lm_head(model)
         loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
         regimes[regime] = (model, loss_fn)
     return regimes

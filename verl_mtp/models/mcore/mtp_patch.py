@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from inspect import signature
-
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
+from verl_mtp.models.mcore.mcore_compat import mtp_block_kwargs
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
@@ -194,12 +193,6 @@ class _DetachedEmbedding:
         return self.embedding(*args, **kwargs).detach()
 
 
-def _mtp_block_kwargs(mtp_block: torch.nn.Module, kwargs: dict) -> dict:
-    """Keep only the optional keywords this Megatron-Core version's MTP block accepts (0.16 vs 0.17+)."""
-    params = signature(mtp_block.forward).parameters
-    return {k: v for k, v in kwargs.items() if k in params and v is not None}
-
-
 def _megatron_gptmodel_postprocess_rl(
     self: GPTModel,
     hidden_states,
@@ -252,7 +245,7 @@ def _megatron_gptmodel_postprocess_rl(
 
     detached_chunks = None
     if mtp_in_postprocess:
-        optional = _mtp_block_kwargs(
+        optional = mtp_block_kwargs(
             self.mtp,
             {"padding_mask": newer_kwargs.get("padding_mask"), "mhc_multistream": newer_kwargs.get("mhc_multistream")},
         )

@@ -20,6 +20,7 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names, keep_mtp_ce_off_lm_head
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
 from verl_mtp.models.mcore.mtp_forward import pack_head_labels
 from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
@@ -48,6 +49,14 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                     logprob_chunk_size=self.model_config.mtp.logprob_chunk_size,
                     detached_head_ce=self.model_config.mtp.detached_head_ce_coef > 0,
                 )
+        elif self.model_config.mtp.enable:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
+            for module in self.module:
+                keep_mtp_ce_off_lm_head(module)
+
+    def _build_tf_config(self):
+        super()._build_tf_config()
+        if getattr(self, "bridge", None) is not None:  # before verl loads the weights through it
+            adapt_mbridge_mtp_names(self.bridge)
 
     def _check_mtp_rl_layout(self):
         if not self.mtp_rl:
