@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The megatron-core legs of CI besides the default one (which `bash scripts/run_tests.sh` runs in full):
+# for each version, set up its own virtualenv (.venv-mcore-<version>, cached by its stamp) and run the
+# unit and multi-process tests on it; the e2e trainer tests run on the default version only.
+#   VERL_MTP_MATRIX   versions to run (default: the tested ones other than the default, see venv_path.sh)
+# Prints one line per leg (set-up time, test time, pytest's summary); exits non-zero if any leg fails.
+# Extra arguments go to pytest.
+set -uo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+summary=()
+failed=0
+default_mcore="$(env -u VERL_MTP_MCORE bash scripts/venv_path.sh --mcore)"
+tested="0.16.1 0.18.0 0.19.2"
+for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
+    log="$(mktemp)"
+    t0=$SECONDS
+    VERL_MTP_MCORE="$mcore" bash scripts/setup_env.sh
+    rc=$?
+    t1=$SECONDS
+    if [[ $rc -eq 0 ]]; then
+        VERL_MTP_MCORE="$mcore" bash scripts/run_tests.sh --ignore=tests/e2e "$@" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+    fi
+    t2=$SECONDS
+    result="$(grep -E '^=*.* (passed|failed|error)' "$log" | tail -1 | tr -d '=')"
+    rm -f "$log"
+    summary+=("[matrix] megatron-core $mcore: set-up $((t1 - t0))s, tests $((t2 - t1))s, rc $rc:${result:- no summary}")
+    [[ $rc -eq 0 ]] || failed=1
+done
+printf '%s\n' "${summary[@]}" >&2
+exit "$failed"
