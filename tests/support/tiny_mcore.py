@@ -25,7 +25,7 @@ shard / pipeline stage (sizes come from megatron's parallel state). Whatever ``f
 and handed back to the parent in rank order; an exception in any rank is raised in the parent with every
 failing rank's traceback (the other ranks, stuck in a collective, are killed after a grace period).
 
-Tested with: megatron-core 0.16.1, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
+Tested with: megatron-core 0.16.1, 0.18.0 and 0.19.2, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
 
 CPU shims (they live only here, are installed by ``init_cpu_megatron`` / ``forward_bshd`` and touch no
 code path outside megatron's process-global test state; ``torch.cuda`` itself is *not* patched, so code
@@ -49,6 +49,8 @@ under test that wrongly assumes CUDA still fails loudly):
    "AttributeError: 'NoneType' object has no attribute 'clone'". ``forward_bshd(labels=None)`` therefore
    runs the *main head only* (MTP skipped, exactly what verl's patched ``_postprocess`` does without
    labels) by hiding MTP for that one call (``model.mtp_process`` / ``config.mtp_num_layers``, restored).
+   Newer versions do not crash (0.17-0.18 skip MTP, 0.19 derives labels from the input ids); the shim gives
+   the same main-head-only forward on every version.
 5. Attention mask. Without an explicit mask the local softmax builds its causal mask with
    ``device="cuda"`` (``transformer.utils.get_default_causal_mask``); ``forward_bshd`` always passes one.
 
@@ -119,11 +121,12 @@ __all__ = [
     "causal_attention_mask",
     "forward_bshd",
     "prepare_mtp_loss_tracker",
+    "MTP_LOSS_TRACKER_KEY",
     "RankInfo",
     "run_cpu_ranks",
 ]
 
-TESTED_MCORE_VERSIONS = ("0.16.1",)
+TESTED_MCORE_VERSIONS = ("0.16.1", "0.18.0", "0.19.2")
 
 # Whether init_cpu_megatron created the default process group (then destroy_cpu_megatron may tear it down).
 _OWNS_PROCESS_GROUP = False
@@ -173,15 +176,26 @@ class _CPUGlobalMemoryBuffer(GlobalMemoryBuffer):
 # Shim 3: CPU MTP loss logging tracker
 # --------------------------------------------------------------------------------------------------------
 def prepare_mtp_loss_tracker(num_mtp_layers: int) -> None:
-    """Make ``MTPLossLoggingHelper.tracker["values"]`` a CPU tensor with one slot per MTP layer.
+    """Make ``MTPLossLoggingHelper.tracker[MTP_LOSS_TRACKER_KEY]`` a CPU tensor with one slot per MTP layer.
 
-    Megatron creates it lazily on ``torch.cuda.current_device()``. An existing CPU buffer of the right
-    size is kept (it accumulates, as in megatron); a missing, non-CPU or wrongly sized one is replaced
-    (the tracker is process-global, so models with different K in one process would otherwise clash).
+    Megatron creates it lazily on ``torch.cuda.current_device()`` (0.19: three such buffers, all made here).
+    An existing CPU buffer of the right size is kept (it accumulates, as in megatron); a missing, non-CPU or
+    wrongly sized one is replaced (the tracker is process-global, so models with different K in one process
+    would otherwise clash).
     """
-    values = MTPLossLoggingHelper.tracker.get("values")
-    if values is None or values.device.type != "cpu" or values.numel() != num_mtp_layers:
-        MTPLossLoggingHelper.tracker["values"] = torch.zeros(num_mtp_layers)
+    for key in _MTP_TRACKER_KEYS:
+        values = MTPLossLoggingHelper.tracker.get(key)
+        if values is None or values.device.type != "cpu" or values.numel() != num_mtp_layers:
+            MTPLossLoggingHelper.tracker[key] = torch.zeros(num_mtp_layers)
+
+
+# megatron-core 0.19 tracks loss, correct and total counts (``save_metrics_to_tracker``); earlier, the loss only.
+if hasattr(MTPLossLoggingHelper, "save_metrics_to_tracker"):
+    MTP_LOSS_TRACKER_KEY = "loss_values"
+    _MTP_TRACKER_KEYS = ("loss_values", "correct_values", "total_values")
+else:
+    MTP_LOSS_TRACKER_KEY = "values"
+    _MTP_TRACKER_KEYS = ("values",)
 
 
 # --------------------------------------------------------------------------------------------------------
