@@ -14,8 +14,8 @@ and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda).
     python benchmarks/mtp_actor_step.py                                   # CPU default sizes
     python benchmarks/mtp_actor_step.py --vocab 151936 --seq 4096 --hidden 1024 --layers 8
 
-The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) built with the test support's
-CPU shims, so this measures CPU here; the ratios, not the seconds, are what carries over.
+The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) built by ``verl_cpu.testing`` with the
+CPU platform's own mechanism, so this measures CPU here; the ratios, not the seconds, are what carries over.
 """
 
 from __future__ import annotations
@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
-import sys
 import time
 import weakref
 from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised")
 
@@ -74,11 +70,11 @@ class PeakTensorMemory(TorchDispatchMode):
 
 def build_regimes(args):
     from hydra import compose, initialize_config_module
-    from support.tiny_mcore import build_tiny_gpt
 
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl.workers.utils.losses import ppo_loss
+    from verl_cpu.testing import build_tiny_gpt
     from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -101,22 +97,21 @@ def build_regimes(args):
             num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
         )
         with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
-            patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
-        if mtp_cfg.is_rl:
-            patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
-        else:  # what the engine does for verl's own MTP cross-entropy
+            patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg.with_regime_switches()})())
+        hook = patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size) if mtp_cfg.is_rl else None
+        if not mtp_cfg.is_rl:  # what the engine does for verl's own MTP cross-entropy
             keep_mtp_ce_off_lm_head(model)
         loss_fn = with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ)) if mtp_cfg.is_rl else base_loss
-        regimes[regime] = (model, loss_fn)
+        regimes[regime] = (model, hook, loss_fn)
     return regimes
 
 
-def make_step(args, model, loss_fn, data):
-    from support.tiny_mcore import causal_attention_mask, prepare_mtp_loss_tracker
-
+def make_step(args, model, hook, loss_fn, data):
+    """One actor micro-batch step of a regime; ``hook`` is its RL postprocess (``None`` for detach / ce)."""
+    from verl_cpu.testing import causal_attention_mask, prepare_mtp_loss_tracker
     from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
-    from verl_mtp.models.mcore.mtp_forward import pack_head_labels
-    from verl_mtp.models.mcore.mtp_patch import pop_mtp_rl_output, score_mtp_heads
+    from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+    from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 
     ids = data["input_ids"].values()[None]
     labels = torch.roll(ids, -1, dims=1)
@@ -131,7 +126,7 @@ def make_step(args, model, loss_fn, data):
         # verl's main head: full logits, log-softmax, gather (fused kernels are off whenever MTP is on)
         log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
         output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=offsets)}
-        mtp_out = pop_mtp_rl_output(model)
+        mtp_out = hook.pop_output() if hook is not None else None
         if mtp_out is not None:
             targets = pack_head_labels(data["input_ids"], args.heads, "bshd")
             scored = score_mtp_heads(mtp_out, targets, torch.ones_like(labels, dtype=torch.float32))
@@ -146,13 +141,13 @@ def make_step(args, model, loss_fn, data):
 
 def measure(args, vocab, seq):
     import verl_mtp.workers.utils.losses as losses_mod
-    from support.rl_batch import make_actor_batch
+    from verl_cpu.testing import make_actor_batch
 
     args = argparse.Namespace(**{**vars(args), "vocab": vocab, "seq": seq})
     regimes = build_regimes(args)
     prompt = seq // 4
     data = make_actor_batch([prompt], [seq - prompt], vocab_size=vocab, seed=0)
-    steps = {name: make_step(args, model, loss_fn, data) for name, (model, loss_fn) in regimes.items()}
+    steps = {name: make_step(args, *regime, data) for name, regime in regimes.items()}
 
     occ_time = []
     real_stats = losses_mod.occ_statistics

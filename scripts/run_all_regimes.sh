@@ -20,7 +20,7 @@ ALGO="${ALGO:-dapo}"
 SEED="${SEED:-0}"
 REGIMES="${REGIMES:-detach ce rl rl_occ}"
 OUT="${OUT:-runs/regimes_${ALGO}}"
-export VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=verl_mtp.utils.cpu.plugin PYTHONWARNINGS=ignore
+export PYTHONWARNINGS=ignore
 
 steps=()
 if [[ -n "${STEPS:-}" ]]; then
@@ -31,7 +31,7 @@ dirs=()
 failed=0
 for mode in $REGIMES; do
     echo "[run_all_regimes] ===== $ALGO / $mode" >&2
-    if .venv/bin/python -m verl_mtp.utils.local_run.launch --mode "$mode" --algo "$ALGO" --seed "$SEED" \
+    if .venv/bin/python -m verl_mtp_example.launch --mode "$mode" --algo "$ALGO" --seed "$SEED" \
         --workdir "$OUT/$mode" --prep-dir "$OUT/prep" "${steps[@]}" "$@"; then
         dirs+=("$OUT/$mode")
     else
@@ -40,7 +40,7 @@ for mode in $REGIMES; do
     fi
 done
 if [[ ${#dirs[@]} -gt 0 ]]; then
-    .venv/bin/python -m verl_mtp.utils.local_run.metrics_view "${dirs[@]}" --out "$OUT/compare.png" \
+    .venv/bin/python -m verl_mtp_example.metrics_view "${dirs[@]}" --out "$OUT/compare.png" \
         --title "verl PPO on CPU, tiny MiMo: $ALGO, MTP regimes side by side (seed $SEED)"
 fi
 echo "[run_all_regimes] done in $(($(date +%s) - t0))s; plot: $OUT/compare.png" >&2

@@ -9,8 +9,9 @@
 #
 # Environment: MODE (rl_occ), ALGO (dapo), STEPS (launcher default), WORKDIR (runs/<algo>_<mode>),
 # PREP_DIR (runs/prep: tiny model, data and SFT warm-up, built once and shared by all runs), SEED (0).
-# Arguments go to `python -m verl_mtp.utils.local_run.launch` (see its --help); after `--`, Hydra
-# overrides for the trainer. Sets up .venv first (scripts/setup_env.sh; a no-op when up to date).
+# Arguments go to `python -m verl_mtp_example.launch` (see its --help), which checks every switch before
+# anything starts; after `--`, Hydra overrides for the trainer. Sets up .venv first (scripts/setup_env.sh;
+# a no-op when up to date).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,11 +32,11 @@ if [[ -n "${STEPS:-}" ]]; then
     args+=(--steps "$STEPS")
 fi
 
-# The CPU platform is selected before verl is imported (the launcher's own process imports verl too);
+# The launcher gives the SFT and trainer processes the CPU platform's environment (verl_cpu.environment);
 # PYTHONWARNINGS keeps the terminal to the launcher's lines (verl's full output goes to <workdir>/train.log).
-export VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=verl_mtp.utils.cpu.plugin PYTHONWARNINGS=ignore
+export PYTHONWARNINGS=ignore
 rc=0
-.venv/bin/python -m verl_mtp.utils.local_run.launch "${args[@]}" "$@" || rc=$?
+.venv/bin/python -m verl_mtp_example.launch "${args[@]}" "$@" || rc=$?
 t2=$(date +%s)
 echo "[run_main] setup $((t1 - t0))s, main job $((t2 - t1))s, total $((t2 - t0))s (exit $rc)" >&2
 exit "$rc"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The megatron-core legs of CI besides the default one (which `bash scripts/run_tests.sh` runs in full):
-# for each version, set up its own virtualenv (.venv-mcore-<version>, cached by its stamp) and run the
+# The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` and CI run):
+# not part of `.ci/run` yet; run by hand. For each version, set up its own virtualenv (.venv-mcore-<version>, cached by its stamp) and run the
 # unit and multi-process tests on it; the e2e trainer tests (tests/e2e) also run on verl's pin.
 #   VERL_MTP_MATRIX      versions to run (default: the tested ones other than the default, see venv_path.sh)
 #   VERL_MTP_E2E_MCORE   versions whose leg includes tests/e2e (default: 0.18.0, verl 0.9.x's pin)

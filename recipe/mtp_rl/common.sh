@@ -37,7 +37,7 @@ _mtp_prefix=actor_rollout_ref.model.mtp
 
 # Every regime loads the MTP layers and trains them; what differs is where the MTP gradient may go
 # (detach: MTP layers only; ce / rl: MTP layers and the trunk) and which loss drives it.
-# enable_train / detach_encoder are written out although MtpRLConfig derives them from
+# enable_train / detach_encoder are written out although the MTP engine derives them from
 # mtp_loss_type, so that the printed config (DRY_RUN=1) shows what will actually run.
 case "${MTP_MODE}" in
     detach)

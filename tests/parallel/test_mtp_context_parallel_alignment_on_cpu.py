@@ -14,12 +14,12 @@ here; ``mtp_loss_type=rl`` therefore still refuses CP > 1 at start-up (test_mtp_
 
 import pytest
 import torch
-from support.tiny_mcore import init_cpu_megatron, run_cpu_ranks
+from verl_cpu.testing import init_cpu_megatron, run_cpu_ranks
 
 import verl  # noqa: F401  (import verl before verl_mtp)
 from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_output_keys
-from verl_mtp.models.mcore.mtp_forward import pack_head_labels
+from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 
 pytestmark = pytest.mark.multiprocess
 

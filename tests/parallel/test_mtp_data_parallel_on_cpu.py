@@ -1,6 +1,6 @@
 """DP = 2 (2 gloo CPU ranks): the OCC lambda and the MTP policy loss under data parallelism.
 
-One actor micro-batch of 4 sequences (``support.rl_batch.make_actor_batch``: verl's own no-padding layout) with
+One actor micro-batch of 4 sequences (``verl_cpu.testing.make_actor_batch``: verl's own no-padding layout) with
 model outputs near ``old_log_probs`` goes through verl's ``ppo_loss`` wrapped by ``with_mtp_policy_loss``
 (OCC on, 2 heads) in the pytest process; each rank takes its half (verl's ``chunk_tensordict``, global batch
 info ``dp_size=2`` and the global token / sequence counts, as verl's engine sets them) and passes megatron's
@@ -18,8 +18,7 @@ from functools import partial
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from support.rl_batch import make_actor_batch, nested_like
-from support.tiny_mcore import init_cpu_megatron, run_cpu_ranks
+from verl_cpu.testing import init_cpu_megatron, make_actor_batch, nested_like, run_cpu_ranks
 
 import verl  # noqa: F401  (import verl before verl_mtp: verl's plugin loader imports verl_mtp's engine)
 from verl.utils import tensordict_utils as tu

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from mtp_parallel_common import (
+from support.mtp_parallel import (
     K,
     MODEL_KW,
     RANK_SEED,
@@ -42,7 +42,7 @@ from mtp_parallel_common import (
     rl_setting,
     save_reference_params,
 )
-from support.tiny_mcore import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
+from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
 
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 
@@ -99,7 +99,7 @@ def _pp_rank(info, params_path, configs):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(params[names[name]])
-        apply_rl(model, *rl_setting(cfg))
+        hook = apply_rl(model, *rl_setting(cfg))
         scores = None
         if first:
             hidden = forward_stage(model, batch)  # [s, b, h]: not the last stage, the postprocess returns them
@@ -113,7 +113,7 @@ def _pp_rank(info, params_path, configs):
             dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             received.requires_grad_()
             model.set_input_tensor(received)
-            _, scored = forward_backward(model, batch)
+            _, scored = forward_backward(model, hook, batch)
             dist.send(received.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
             scores = detached(scored)
         grads = {names[n]: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}

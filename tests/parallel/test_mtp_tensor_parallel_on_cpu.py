@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from mtp_parallel_common import (
+from support.mtp_parallel import (
     K,
     MODEL_KW,
     RANK_SEED,
@@ -36,7 +36,7 @@ from mtp_parallel_common import (
     tp_layout,
     tp_shard,
 )
-from support.tiny_mcore import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
+from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, run_cpu_ranks
 
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 
@@ -64,8 +64,8 @@ def _tp_rank(info, params_path, configs):
     for cfg in configs:
         model = build_tiny_gpt(K, seed=RANK_SEED, sequence_parallel=cfg["sp"], **MODEL_KW)
         load_tp_shards(model, params)
-        apply_rl(model, *rl_setting(cfg))
-        logits, scored = forward_backward(model, batch)
+        hook = apply_rl(model, *rl_setting(cfg))
+        logits, scored = forward_backward(model, hook, batch)
         sp_tagged = []
         for name, p in model.named_parameters():
             if getattr(p, "sequence_parallel", False) and p.grad is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from verl_mtp.models.mcore.mtp_forward import pack_head_labels
+from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 
 
 def bshd_head_labels(ids: torch.Tensor, lengths, num_heads: int) -> list[torch.Tensor]:

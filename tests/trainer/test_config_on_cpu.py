@@ -2,17 +2,15 @@
 
 * ``verl_mtp/trainer/config/mtp_ppo_megatron_trainer.yaml`` composes verl's ``ppo_megatron_trainer`` from the
   installed package (``pkg://verl.trainer.config``) and adds the ``actor_rollout_ref.model.mtp`` keys.
-* ``omega_conf_to_dataclass`` (what verl's workers call) turns the block into ``MtpRLConfig``, which maps each
-  ``mtp_loss_type`` onto verl's own ``enable_train`` / ``detach_encoder`` switches.
+* ``omega_conf_to_dataclass`` (what verl's workers call) turns the block into ``MtpRLConfig``; each
+  ``mtp_loss_type`` names a registered regime that fixes verl's own ``enable_train`` / ``detach_encoder``
+  switches (the engine hands verl ``with_regime_switches()``; the config object itself only validates).
 * Contradictory settings fail with a ``ValueError`` whose message names the offending key. Through Hydra's
   ``instantiate`` (the path verl takes) that ``ValueError`` arrives wrapped in Hydra's
   ``InstantiationException`` and its text is kept in the message.
 """
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -21,7 +19,7 @@ from omegaconf import OmegaConf
 
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import MtpConfig
-from verl_mtp.workers.config import MTP_LOSS_TYPES, OCC_SCOPES, MtpRLConfig, OCCConfig
+from verl_mtp.workers.config import MTP_REGIME_REGISTRY, OCC_SCOPES, MtpRLConfig, OCCConfig, get_mtp_regime
 
 CONFIG_MODULE = "verl_mtp.trainer.config"
 CONFIG_NAME = "mtp_ppo_megatron_trainer"
@@ -100,6 +98,7 @@ def test_null_type_keeps_verl_switches_as_given():
     mtp = _mtp("enable=True", "enable_train=True", "detach_encoder=True")
     assert mtp.mtp_loss_type is None
     assert (mtp.enable_train, mtp.detach_encoder) == (True, True)
+    assert mtp.with_regime_switches() is mtp
 
 
 # mtp_loss_type -> (enable_train, detach_encoder, is_rl)
@@ -107,7 +106,7 @@ REGIMES = {"detach": (True, True, False), "ce": (True, False, False), "rl": (Tru
 
 
 def test_regime_table_covers_every_type():
-    assert set(REGIMES) == set(MTP_LOSS_TYPES)
+    assert set(REGIMES) == set(MTP_REGIME_REGISTRY)
 
 
 @pytest.mark.parametrize("kind", sorted(REGIMES))
@@ -117,13 +116,25 @@ def test_type_sets_verl_switches(kind):
     mtp = _mtp("enable=True", f"mtp_loss_type={kind}")
     assert type(mtp) is MtpRLConfig
     assert mtp.mtp_loss_type == kind
-    assert (mtp.enable_train, mtp.detach_encoder, mtp.is_rl) == (enable_train, detach_encoder, is_rl)
-    assert mtp.occ.enable is False
+    resolved = mtp.with_regime_switches()  # what the engine hands verl
+    assert type(resolved) is MtpRLConfig and resolved is not mtp
+    assert (resolved.enable_train, resolved.detach_encoder, resolved.is_rl) == (enable_train, detach_encoder, is_rl)
+    assert (mtp.enable_train, mtp.detach_encoder) == (False, False)  # the config object only validates
+    assert resolved.occ.enable is False and resolved.mtp_loss_type == kind
 
 
 def test_detach_type_overrides_a_false_detach_encoder():
     mtp = _mtp("enable=True", "mtp_loss_type=detach", "detach_encoder=False", "enable_train=False")
-    assert (mtp.enable_train, mtp.detach_encoder) == (True, True)
+    resolved = mtp.with_regime_switches()
+    assert (resolved.enable_train, resolved.detach_encoder) == (True, True)
+
+
+def test_unknown_regime_error_lists_the_registered_names():
+    with pytest.raises(ValueError) as info:
+        get_mtp_regime("policy")
+    for name in MTP_REGIME_REGISTRY:
+        assert repr(name) in str(info.value)
+    assert "actor_rollout_ref.model.mtp.mtp_loss_type" in str(info.value)
 
 
 def test_rl_with_occ_builds_occ_config():
@@ -260,18 +271,3 @@ def test_config_path_raises_value_error_naming_the_setting(case):
     assert cause is not None, f"no ValueError behind {info.value!r}"
     assert setting in str(cause)
     assert setting in str(info.value)  # what the user sees on the console names it too
-
-
-def test_engine_is_registered_whatever_the_import_order():
-    """Importing a verl_mtp module before verl makes verl run the plugin mid-import (deferred registration);
-    building a regime config must still leave verl-mtp's engine in verl's registry."""
-    code = (
-        "import verl_mtp.models.mcore.mtp_patch\n"
-        "from verl.workers.engine.base import EngineRegistry\n"
-        "from verl_mtp.workers.config import MtpRLConfig\n"
-        "MtpRLConfig(enable=True, mtp_loss_type='rl')\n"
-        "print(EngineRegistry._engines['language_model']['megatron']['cuda'].__name__)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "MegatronMTPEngineWithLMHead"

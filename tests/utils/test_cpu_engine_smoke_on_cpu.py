@@ -1,7 +1,9 @@
 """verl's real Megatron actor (EngineRegistry -> TrainingWorker -> ppo_loss) trains on CPU.
 
-Runs :mod:`verl_mtp.utils.cpu.engine_smoke` in a subprocess (it sets VERL_PLATFORM=cpu and initialises a
-gloo process group, which must not leak into other tests) on a tiny Qwen2 built here from a config.
+Runs :mod:`verl_cpu.engine_smoke` in a subprocess (it sets VERL_PLATFORM=cpu and initialises a gloo process
+group, which must not leak into other tests) on a tiny Qwen2 built here from a config, with verl-mtp's trainer
+config: the engine verl builds must be the CPU variant of the MTP engine that verl-mtp's plugin registered for
+cuda (after the CPU platform had loaded).
 """
 
 import math
@@ -18,7 +20,7 @@ def tiny_model_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from verl_mtp.utils.local_run.tiny_model import make_tokenizer
+    from verl_mtp_example.tiny_model import make_tokenizer
 
     out = str(tmp_path_factory.mktemp("tiny_qwen2"))
     tok = make_tokenizer(out)
@@ -39,7 +41,8 @@ def run_engine_smoke(model_dir, *overrides):
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK") and not k.startswith("NVTE_")
     }
-    cmd = [sys.executable, "-m", "verl_mtp.utils.cpu.engine_smoke", "--model", model_dir, "--steps", "2", *overrides]
+    cmd = [sys.executable, "-m", "verl_cpu.engine_smoke", "--model", model_dir, "--steps", "2",
+           "--config-module", "verl_mtp.trainer.config", "--config-name", "mtp_ppo_megatron_trainer", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return proc, proc.stdout + proc.stderr
 
@@ -57,7 +60,7 @@ def test_engine_smoke_trains_on_cpu(tiny_model_dir, remove_padding):
 
 @pytest.fixture(scope="module")
 def tiny_mimo_dir(tmp_path_factory):
-    from verl_mtp.utils.local_run.tiny_model import make_tiny_mimo
+    from verl_mtp_example.tiny_model import make_tiny_mimo
 
     return make_tiny_mimo(str(tmp_path_factory.mktemp("tiny_mimo")), num_mtp_layers=2)
 
@@ -73,7 +76,7 @@ def test_rl_mtp_term_through_verls_real_engine_and_ppo_loss(tiny_mimo_dir, remov
         "actor_rollout_ref.model.mtp.enable=True",
         "actor_rollout_ref.model.mtp.mtp_loss_type=rl",
         f"actor_rollout_ref.model.mtp.occ.enable={occ}",
-        "actor_rollout_ref.model.external_lib=verl_mtp.utils.local_run",
+        "actor_rollout_ref.model.external_lib=verl_mtp_example",
         "actor_rollout_ref.model.trust_remote_code=True",
     )
     assert proc.returncode == 0, out[-4000:]

@@ -1,4 +1,4 @@
-"""verl_mtp.utils.cpu: CPU platform pieces that need no process group (fast)."""
+"""verl_cpu: CPU platform pieces that need no process group (fast), and the engine lookup in a fresh process."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 def test_platform_registered_and_answers_cpu():
     from verl.plugin.platform import PlatformRegistry
 
-    from verl_mtp.utils.cpu.platform import PlatformCPU
+    from verl_cpu.platform import PlatformCPU
 
     assert PlatformRegistry.get("cpu") is PlatformCPU
     p = PlatformCPU()
@@ -23,7 +23,7 @@ def test_platform_registered_and_answers_cpu():
 
 
 def test_cuda_to_cpu_mode_redirects_literal_cuda():
-    from verl_mtp.utils.cpu.device_redirect import CudaToCPUMode, on_cpu
+    from verl_cpu.cuda import CudaToCPUMode, on_cpu
 
     with CudaToCPUMode():
         a = torch.zeros([], dtype=torch.int, device="cuda")
@@ -50,7 +50,7 @@ def _attn_module():
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from verl_mtp.utils.cpu.attention import CPUCoreAttention
+    from verl_cpu.attention import CPUCoreAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_query_groups=2,
                             use_cpu_initialization=True, attention_dropout=0.0)
@@ -92,3 +92,100 @@ def test_cpu_core_attention_thd_equals_per_sequence_bshd():
         one = m(q[sl, None], k[sl, None], v[sl, None], None)[:, 0]
         assert torch.allclose(out[sl], one, atol=1e-5)
         start += n
+
+
+def test_cpu_process_env_puts_the_plugin_first_and_keeps_user_settings(monkeypatch):
+    from verl_cpu.environment import PLUGIN, cpu_process_env
+
+    monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", f"some.ext,{PLUGIN},other.ext")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    env = cpu_process_env()
+    assert env["VERL_PLATFORM"] == "cpu"
+    assert env["VERL_USE_EXTERNAL_MODULES"] == f"{PLUGIN},some.ext,other.ext"
+    assert env["OMP_NUM_THREADS"] == "4" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert "RANK" not in env and "MASTER_PORT" not in env
+    one = cpu_process_env(one_rank=True)
+    assert (one["RANK"], one["WORLD_SIZE"], one["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert 0 < int(one["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    assert cpu_process_env(one_rank=True)["MASTER_PORT"] == "29555"
+
+
+def test_megatron_cpu_config_group_composes_at_the_engine_node():
+    import yaml
+    from hydra import compose, initialize_config_module
+    from importlib.resources import files
+    from omegaconf import OmegaConf
+
+    group = yaml.safe_load(files("verl_cpu.config").joinpath("cpu_engine/megatron.yaml").read_text())
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_megatron_trainer", overrides=[
+            "hydra.searchpath=[pkg://verl.trainer.config,pkg://verl_cpu.config]",
+            "+cpu_engine@actor_rollout_ref.actor.megatron=megatron",
+            "actor_rollout_ref.actor.megatron.override_transformer_config.persist_layer_norm=True",  # still wins
+        ])
+    megatron = OmegaConf.to_container(cfg.actor_rollout_ref.actor.megatron, resolve=True)
+    group["override_transformer_config"]["persist_layer_norm"] = True
+    for key, value in group.items():
+        if isinstance(value, dict):
+            assert {k: megatron[key][k] for k in value} == value, key
+        else:
+            assert megatron[key] == value, key
+    assert "attention_backend" not in cfg.actor_rollout_ref.model  # nothing lands outside the chosen node
+
+
+_LOOKUP_AFTER_A_LATER_REGISTRATION = """
+import json
+import verl
+import verl.workers.engine
+from verl.workers.engine.base import EngineRegistry
+
+slots = EngineRegistry._engines["language_model"]["megatron"]
+cuda_before = slots["cuda"]
+cpu_before = EngineRegistry.get_engine_cls("language_model", "megatron")
+
+class ExtensionEngine(cuda_before):  # an extension that swaps itself in after the CPU platform loaded
+    pass
+
+slots["cuda"] = ExtensionEngine
+cpu_after = EngineRegistry.get_engine_cls("language_model", "megatron")
+print(json.dumps({
+    "before": [c.__name__ for c in cpu_before.__bases__], "cuda_before": cuda_before.__name__,
+    "after": [c.__name__ for c in cpu_after.__bases__],
+    "same_class_again": EngineRegistry.get_engine_cls("language_model", "megatron") is cpu_after,
+}))
+"""
+
+
+def test_cpu_engine_is_the_cpu_variant_of_the_cuda_engine_at_lookup_time():
+    """verl on CPU builds the CPU variant of whatever engine holds the cuda slot when verl looks it up."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "verl_cpu.plugin"}
+    proc = subprocess.run([sys.executable, "-c", _LOOKUP_AFTER_A_LATER_REGISTRATION], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["before"] == ["CPUMegatronEngineMixin", got["cuda_before"]]
+    assert got["after"] == ["CPUMegatronEngineMixin", "ExtensionEngine"]
+    assert got["same_class_again"]
+
+
+def test_platform_imports_neither_the_product_nor_the_example():
+    """verl_cpu depends on verl / Megatron-Core / torch only (read from its source with ``ast``)."""
+    import ast
+    from pathlib import Path
+
+    import verl_cpu
+
+    offending = []
+    for path in Path(verl_cpu.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offending += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("verl_mtp", "verl_mtp_example")]
+    assert not offending

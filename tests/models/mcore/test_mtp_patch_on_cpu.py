@@ -13,12 +13,13 @@ import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from support.mtp_batches import bshd_head_labels
-from support.tiny_mcore import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
+from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl.utils.megatron_utils import patch_engine_mtp
 from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head, mtp_inner_layer
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, head_labels, mtp_ce_key, mtp_output_keys
-from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
+from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
+from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess, patch_postprocess_rl
 from verl_mtp.workers.config import MtpRLConfig
 
 VOCAB = 48
@@ -56,13 +57,19 @@ def rl_model(k, train_lm_head=False, chunk=0, **kw):
 
 
 def apply_regime(model, mtp_config):
-    """What the engine does at start-up: verl's own MTP patch, then ours (the RL postprocess for ``rl``, the
-    frozen lm_head for verl's MTP cross-entropy otherwise)."""
-    patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config))
+    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then ours (the RL
+    postprocess for ``rl``, the frozen lm_head for verl's MTP cross-entropy otherwise)."""
+    patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config.with_regime_switches()))
     if mtp_config.is_rl:
         patch_postprocess_rl(model, mtp_config.train_lm_head, mtp_config.logprob_chunk_size)
     else:
         keep_mtp_ce_off_lm_head(model)
+
+
+def pop_output(model):
+    """The last output of the RL postprocess installed on ``model`` (it is the model's ``_postprocess``)."""
+    assert isinstance(model._postprocess, MTPRLPostprocess)
+    return model._postprocess.pop_output()
 
 
 def main_labels(ids, lengths):
@@ -88,7 +95,7 @@ def rl_forward_bshd(model, seqs, temperature):
     labels = main_labels(ids, lengths)
     pos = torch.arange(s).expand(b, s).contiguous()
     logits = model(ids, pos, causal_attention_mask(b, s), labels=labels)
-    out = pop_mtp_rl_output(model)
+    out = pop_output(model)
     starts = torch.arange(b) * s
     temp = torch.full((b, s), temperature)
     scored = score_mtp_heads(out, bshd_head_labels(ids, lengths, model.config.mtp_num_layers), temp)
@@ -151,7 +158,7 @@ def test_packed_thd_head_log_probs_equal_each_sequence_alone(k, chunk):
         max_seqlen_kv=max(padded),
     )
     model(ids, pos, None, labels=labels, packed_seq_params=params)
-    out = pop_mtp_rl_output(model)
+    out = pop_output(model)
     starts = cu[:-1].long()
     nested_ids = torch.nested.nested_tensor(seqs, layout=torch.jagged)
     head_targets = []
@@ -249,7 +256,7 @@ def test_without_grad_the_mtp_heads_do_not_run():
     with torch.no_grad():
         logits = model(seq[None], torch.arange(6)[None], causal_attention_mask(1, 6), labels=main_labels(seq[None], [6]))
     assert logits.shape == (1, 6, VOCAB)
-    assert pop_mtp_rl_output(model) is None
+    assert pop_output(model) is None
 
 
 def test_main_logits_unchanged_by_the_rl_patch():
@@ -280,7 +287,7 @@ def test_detached_head_ce_trains_heads_but_sends_nothing_into_the_trunk(chunk):
     def run(lam, ce_coef):
         model = build_tiny_gpt(2, vocab_size=VOCAB, seed=5)
         cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=chunk, detached_head_ce_coef=ce_coef)
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
         patch_postprocess_rl(model, False, chunk, detached_head_ce=ce_coef > 0)
         _, aligned = rl_forward_bshd(model, seqs, 1.0)
         loss = 0
@@ -316,3 +323,32 @@ def test_detach_trains_only_the_mtp_layers_with_a_tied_or_untied_lm_head(share_e
     loss.backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
     assert trained == {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
+
+
+@pytest.mark.parametrize("verl_patched", [True, False], ids=["over_verls_patch", "over_megatrons_method"])
+def test_unpatch_restores_the_original_postprocess(verl_patched):
+    """patch / unpatch are a pair: afterwards the chunk's postprocess is exactly what it was, and runs as before."""
+    model = build_tiny_gpt(2, vocab_size=VOCAB, seed=7)
+    if verl_patched:
+        patch_engine_mtp(model, SimpleNamespace(mtp=MtpRLConfig(enable=True, mtp_loss_type="ce").with_regime_switches()))
+    before = model.__dict__.get("_postprocess", "absent")
+    ids = torch.randint(1, VOCAB, (2, 7))
+    args = (ids, torch.arange(7).expand(2, 7).contiguous(), causal_attention_mask(2, 7))
+    prepare_mtp_loss_tracker(2)
+    want = model(*args, labels=main_labels(ids, [7, 7]))
+
+    hook = patch_postprocess_rl(model, logprob_chunk_size=4)
+    assert model._postprocess is hook
+    with pytest.raises(RuntimeError, match="already installed"):
+        patch_postprocess_rl(model)
+    model(*args, labels=main_labels(ids, [7, 7]))
+    assert hook.pop_output().num_heads == 2 and hook.pop_output() is None
+
+    hook.unpatch()
+    assert model.__dict__.get("_postprocess", "absent") is before
+    assert not isinstance(model._postprocess, MTPRLPostprocess)
+    with pytest.raises(RuntimeError, match="not the one installed"):
+        hook.unpatch()
+    prepare_mtp_loss_tracker(2)
+    torch.testing.assert_close(model(*args, labels=main_labels(ids, [7, 7])), want)
+    assert hook.pop_output() is None  # the unpatched model leaves nothing behind

@@ -105,4 +105,6 @@ def test_state_round_trips_for_checkpoints():
     state.resolve(2, occ_statistics(lp, mtp_lp, old, mask))
     restored = OCCState(OCCConfig(enable=True, carry_last_lambda=True))
     restored.load_state_dict(state.state_dict())
-    assert restored.last_lambda == state.last_lambda and 2 in restored.last_lambda
+    assert restored.state_dict() == state.state_dict() and 2 in restored.last_lambda
+    silent = occ_statistics(old.clone(), mtp_lp, old, mask)  # the carried lambda is what resumes
+    assert float(restored.resolve(2, silent)[0]) == float(state.resolve(2, silent)[0]) != 0.0

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from support.rl_batch import make_actor_batch, nested_like
+from verl_cpu.testing import make_actor_batch, nested_like
 
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.utils.config import omega_conf_to_dataclass

@@ -6,7 +6,8 @@ instead of branching on versions itself:
 - the transformer layer inside a ``MultiTokenPredictionLayer`` is ``transformer_layer`` up to 0.16 and
   ``mtp_model_layer`` from 0.17; parameter names differ the same way, and mbridge 0.15.1 (the newest, verl's
   vanilla bridge) maps only the old ones, so :func:`adapt_mbridge_mtp_names` translates for it;
-- the MTP block's ``forward`` gained optional keywords (``padding_mask``, ...) over the versions;
+- the MTP block's ``forward`` gained optional keywords (``padding_mask``, ...) over the versions: the RL
+  postprocess (:mod:`verl_mtp.models.mcore.mtp_patch`) passes on those the block's signature accepts;
 - from 0.17 verl 0.9.1 computes the MTP cross-entropy through Megatron's ``process_mtp_loss`` and hands it the
   trainable output layer, so that loss would train the shared lm_head; on older versions verl detaches it. The
   ``detach`` and ``ce`` regimes promise the lm_head never learns from MTP, so :func:`keep_mtp_ce_off_lm_head`
@@ -15,13 +16,11 @@ instead of branching on versions itself:
 
 from __future__ import annotations
 
-from inspect import signature
-
 import torch
 
 import verl.models.mcore.mtp_patch as verl_mtp_patch
 
-__all__ = ["mtp_inner_layer", "mtp_block_kwargs", "adapt_mbridge_mtp_names", "keep_mtp_ce_off_lm_head"]
+__all__ = ["mtp_inner_layer", "adapt_mbridge_mtp_names", "keep_mtp_ce_off_lm_head"]
 
 _INNER_LAYER_NAMES = ("mtp_model_layer", "transformer_layer")  # 0.17+, then <= 0.16
 _FROZEN_FOR_MTP_CE = "_verl_mtp_frozen_for_mtp_ce"
@@ -53,12 +52,6 @@ def adapt_mbridge_mtp_names(bridge) -> None:
 
     mcore_to_hf.mtp_names_adapted = True
     bridge._weight_name_mapping_mcore_to_hf = mcore_to_hf
-
-
-def mtp_block_kwargs(mtp_block: torch.nn.Module, kwargs: dict) -> dict:
-    """Keep only the optional keywords this version's MTP block ``forward`` accepts (and that are set)."""
-    params = signature(mtp_block.forward).parameters
-    return {k: v for k, v in kwargs.items() if k in params and v is not None}
 
 
 class _FrozenOutputLayer:

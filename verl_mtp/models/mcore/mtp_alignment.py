@@ -43,22 +43,19 @@ def mtp_ce_key(k: int) -> str:
 def positions_in_sequence(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per packed slot: its index inside its sequence and that sequence's true length.
 
-    Slots outside every sequence (THD padding) get index -1 and length 0, so any shift marks them invalid.
+    ``starts`` are ascending (packed order) and sequences do not overlap. Slots outside every sequence (THD
+    padding) get index -1 and length 0, so any shift marks them invalid. Works on device without reading a
+    length back to the host: each slot finds its sequence by a sorted search over the starts.
     """
-    device = starts.device
+    slots = torch.arange(total, device=starts.device)
+    if starts.numel() == 0:
+        return torch.full_like(slots, -1), torch.zeros_like(slots)
     starts = starts.to(torch.long)
-    lengths = lengths.to(torch.long)
-    pos = torch.full((total,), -1, dtype=torch.long, device=device)
-    seq_len = torch.zeros(total, dtype=torch.long, device=device)
-    n = int(lengths.sum())
-    if n:
-        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-        first = torch.cumsum(lengths, 0) - lengths
-        within = torch.arange(n, device=device) - first[seq_id]
-        slot = starts[seq_id] + within
-        pos[slot] = within
-        seq_len[slot] = lengths[seq_id]
-    return pos, seq_len
+    seq_id = (torch.searchsorted(starts, slots, right=True) - 1).clamp_min(0)
+    within = slots - starts[seq_id]
+    seq_len = lengths.to(torch.long)[seq_id]
+    inside = (within >= 0) & (within < seq_len)
+    return torch.where(inside, within, -1), torch.where(inside, seq_len, 0)
 
 
 def shift_packed(

@@ -1,4 +1,8 @@
-"""Sampled-token log-probs of an MTP head without materialising its full-vocabulary logits.
+"""Scoring of the sampled tokens by each MTP head: log-probs and top-1 agreement.
+
+:func:`score_mtp_heads` scores every head's targets from what the RL postprocess kept
+(:class:`~verl_mtp.models.mcore.mtp_patch.MTPRLOutput`), either through Megatron's output layer or, with
+``logprob_chunk_size > 0``, without materialising a head's full-vocabulary logits:
 
 ``log p(y | h) = (h . w_y) / T - logsumexp_v((h . w_v) / T)``, computed over chunks of tokens: each chunk's
 logits ``[chunk, V/tp]`` live only inside the chunk loop, in the forward and again (recomputed) in the
@@ -13,6 +17,8 @@ layer does it).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core import parallel_state as mpu
 from megatron.core.tensor_parallel.mappings import (
@@ -20,7 +26,13 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-__all__ = ["chunked_token_log_probs"]
+from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
+from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
+
+if TYPE_CHECKING:
+    from verl_mtp.models.mcore.mtp_patch import MTPRLOutput
+
+__all__ = ["chunked_token_log_probs", "mtp_token_log_probs", "score_mtp_heads"]
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -119,3 +131,80 @@ def chunked_token_log_probs(
         vocab_start,
     )
     return log_probs.view(s, b), top1.view(s, b)
+
+
+def mtp_token_log_probs(
+    mtp_output: MTPRLOutput,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    trainable_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's log-probability of ``labels`` and whether its top-1 token equals them, both ``[b, s]``.
+
+    ``hidden`` is the head's ``[s, b, h]`` output; ``labels`` and ``temperature`` are ``[b, s]`` in the same
+    packed order as the main head's. Vocab-parallel (correct for TP > 1). Works in Megatron's ``[s, b]`` order
+    so the full-vocabulary logits are never transposed into a contiguous copy; with ``logprob_chunk_size``
+    they are not even kept for the backward pass.
+    """
+    labels_sb = labels.t().contiguous()
+    weight = mtp_output.head_weight(trainable_weight)
+    if mtp_output.logprob_chunk_size > 0:
+        log_probs, top1 = chunked_token_log_probs(
+            hidden,
+            weight,
+            labels_sb,
+            temperature.t(),
+            mtp_output.logprob_chunk_size,
+            sequence_parallel=mtp_output.output_layer.sequence_parallel,
+        )
+        return log_probs.t(), (top1 == labels_sb).t()
+    logits = mtp_output.head_logits(hidden, trainable_weight)
+    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
+    with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
+        top1 = _vocab_parallel_argmax(logits)
+    log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)
+    return log_probs.t(), (top1 == labels_sb).t()
+
+
+def score_mtp_heads(
+    mtp_output: MTPRLOutput, head_labels: list[torch.Tensor], temperature: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Every head's log-prob of its own targets, and top-1 agreement, in the model's packed order.
+
+    ``head_labels[k-1]`` holds head ``k``'s targets (``x[i+k+1]`` at slot ``i``, see
+    :func:`verl_mtp.models.mcore.mtp_head_labels.pack_head_labels`); ``temperature`` is the main head's
+    ``[b, s]``.
+    """
+    scored = {}
+    for k in range(1, mtp_output.num_heads + 1):
+        labels = head_labels[k - 1]
+        log_probs, top1 = mtp_token_log_probs(
+            mtp_output, mtp_output.hidden_states[k - 1], labels, temperature, mtp_output.train_lm_head
+        )
+        lp_key, _, top1_key = mtp_output_keys(k)
+        scored[lp_key] = log_probs
+        scored[top1_key] = top1.to(log_probs.dtype)
+        if mtp_output.detached_hidden_states is not None:  # plain next-token CE, as Megatron's (T = 1)
+            ce_log_probs, _ = mtp_token_log_probs(
+                mtp_output, mtp_output.detached_hidden_states[k - 1], labels, torch.ones_like(temperature), False
+            )
+            scored[mtp_ce_key(k)] = ce_log_probs
+    return scored
+
+
+def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Global argmax over a vocabulary split across tensor-parallel ranks."""
+    tp = mpu.get_tensor_model_parallel_world_size()
+    local_max, local_idx = logits.max(dim=-1)
+    if tp == 1:
+        return local_idx
+    group = mpu.get_tensor_model_parallel_group()
+    rank = mpu.get_tensor_model_parallel_rank()
+    global_idx = local_idx + rank * logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(tp)]
+    idxs = [torch.empty_like(global_idx) for _ in range(tp)]
+    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
+    torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
+    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
+    return torch.stack(idxs).gather(0, best).squeeze(0)

@@ -1,13 +1,14 @@
-"""Patch of Megatron-Core ``GPTModel._postprocess`` that hands the MTP heads to the RL loss.
+"""The RL postprocess of a Megatron-Core ``GPTModel``: keeps the MTP heads' outputs for the RL loss.
 
 verl's own patch (``verl.models.mcore.mtp_patch``) turns the MTP heads into an auxiliary cross-entropy loss
 injected with ``MTPLossAutoScaler``; that covers the ``detach`` and ``ce`` regimes and stays in charge of
-them. For ``mtp_loss_type=rl`` this patch instead runs the MTP block, keeps each head's final hidden states
-(with their autograd graph into the MTP layers and the trunk) in an :class:`MTPRLOutput`, and returns the
-main logits exactly as verl does. The engine's logits processor then scores the sampled tokens with each head
-through :func:`mtp_token_log_probs`, under the same temperature as the main head.
+them. For ``mtp_loss_type=rl`` an :class:`MTPRLPostprocess` is installed over it, one per model chunk: it runs
+the MTP block, keeps each head's final hidden states (with their autograd graph into the MTP layers and the
+trunk) as its last output, an :class:`MTPRLOutput`, and returns the main logits exactly as verl does. The
+engine's logits processor takes that output and scores the sampled tokens with each head
+(:func:`verl_mtp.models.mcore.mtp_log_probs.score_mtp_heads`) under the main head's temperature.
 
-The head's hidden states are kept rather than logits so that no second full-vocabulary tensor is alive
+The heads' hidden states are kept rather than logits so that no second full-vocabulary tensor is alive
 before the logits processor needs it, and so that the temperature (known only to the processor) is applied
 to the MTP logits exactly like the main ones.
 """
@@ -15,24 +16,18 @@ to the MTP logits exactly like the main ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from inspect import signature
+
 import torch
-from megatron.core.models.gpt.gpt_model import GPTModel
 
 from verl.models.mcore.mtp_patch import _get_patching_model
-from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
-from verl_mtp.models.mcore.mcore_compat import mtp_block_kwargs
-from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
-from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
 
-__all__ = ["MTPRLOutput", "patch_postprocess_rl", "pop_mtp_rl_output", "mtp_token_log_probs", "score_mtp_heads"]
-
-_OUTPUT_ATTR = "_verl_mtp_rl_output"
+__all__ = ["MTPRLOutput", "MTPRLPostprocess", "patch_postprocess_rl"]
 
 
 @dataclass
 class MTPRLOutput:
-    """What the patched postprocess leaves for the logits processor of the same micro-batch.
+    """What the RL postprocess leaves for the logits processor of the same micro-batch.
 
     ``hidden_states[k-1]`` is depth ``k``'s output, ``[s, b, h]`` in the model's (packed) sequence order.
     """
@@ -63,126 +58,6 @@ class MTPRLOutput:
         return logits
 
 
-def mtp_token_log_probs(
-    mtp_output: MTPRLOutput,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: torch.Tensor,
-    trainable_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A head's log-probability of ``labels`` and whether its top-1 token equals them, both ``[b, s]``.
-
-    ``hidden`` is the head's ``[s, b, h]`` output; ``labels`` and ``temperature`` are ``[b, s]`` in the same
-    packed order as the main head's. Vocab-parallel (correct for TP > 1). Works in Megatron's ``[s, b]`` order
-    so the full-vocabulary logits are never transposed into a contiguous copy; with ``logprob_chunk_size``
-    they are not even kept for the backward pass.
-    """
-    labels_sb = labels.t().contiguous()
-    weight = mtp_output.head_weight(trainable_weight)
-    if mtp_output.logprob_chunk_size > 0:
-        log_probs, top1 = chunked_token_log_probs(
-            hidden,
-            weight,
-            labels_sb,
-            temperature.t(),
-            mtp_output.logprob_chunk_size,
-            sequence_parallel=mtp_output.output_layer.sequence_parallel,
-        )
-        return log_probs.t(), (top1 == labels_sb).t()
-    logits = mtp_output.head_logits(hidden, trainable_weight)
-    logits = logits / temperature.t().unsqueeze(-1).to(logits.dtype)
-    with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
-        top1 = _vocab_parallel_argmax(logits)
-    log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb)
-    return log_probs.t(), (top1 == labels_sb).t()
-
-
-def score_mtp_heads(
-    mtp_output: MTPRLOutput, head_labels: list[torch.Tensor], temperature: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Every head's log-prob of its own targets, and top-1 agreement, in the model's packed order.
-
-    ``head_labels[k-1]`` holds head ``k``'s targets (``x[i+k+1]`` at slot ``i``, see
-    :func:`verl_mtp.models.mcore.mtp_forward.pack_head_labels`); ``temperature`` is the main head's ``[b, s]``.
-    """
-    scored = {}
-    for k in range(1, mtp_output.num_heads + 1):
-        labels = head_labels[k - 1]
-        log_probs, top1 = mtp_token_log_probs(
-            mtp_output, mtp_output.hidden_states[k - 1], labels, temperature, mtp_output.train_lm_head
-        )
-        lp_key, _, top1_key = mtp_output_keys(k)
-        scored[lp_key] = log_probs
-        scored[top1_key] = top1.to(log_probs.dtype)
-        if mtp_output.detached_hidden_states is not None:  # plain next-token CE, as Megatron's (T = 1)
-            ce_log_probs, _ = mtp_token_log_probs(
-                mtp_output, mtp_output.detached_hidden_states[k - 1], labels, torch.ones_like(temperature), False
-            )
-            scored[mtp_ce_key(k)] = ce_log_probs
-    return scored
-
-
-def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Global argmax over a vocabulary split across tensor-parallel ranks."""
-    from megatron.core import parallel_state as mpu
-
-    tp = mpu.get_tensor_model_parallel_world_size()
-    local_max, local_idx = logits.max(dim=-1)
-    if tp == 1:
-        return local_idx
-    group = mpu.get_tensor_model_parallel_group()
-    rank = mpu.get_tensor_model_parallel_rank()
-    global_idx = local_idx + rank * logits.shape[-1]
-    maxes = [torch.empty_like(local_max) for _ in range(tp)]
-    idxs = [torch.empty_like(global_idx) for _ in range(tp)]
-    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
-    torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
-    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
-    return torch.stack(idxs).gather(0, best).squeeze(0)
-
-
-def pop_mtp_rl_output(model: torch.nn.Module) -> MTPRLOutput | None:
-    """Take (and clear) what the last forward of ``model`` left; ``None`` when it ran no RL MTP heads."""
-    gpt = _get_patching_model(model)
-    if gpt is None:
-        return None
-    return gpt.__dict__.pop(_OUTPUT_ATTR, None)
-
-
-def patch_postprocess_rl(
-    model: torch.nn.Module,
-    train_lm_head: bool = False,
-    logprob_chunk_size: int = 0,
-    detached_head_ce: bool = False,
-) -> None:
-    """Install the RL postprocess on ``model``'s GPTModel; the postprocess in place (verl's) stays as fallback.
-
-    ``detached_head_ce`` re-runs the heads on detached trunk inputs so they can also get a cross-entropy loss
-    that never reaches the trunk (see ``detached_head_ce_coef``). Raises when the model has no MTP layers:
-    ``mtp_loss_type=rl`` would otherwise train nothing.
-    """
-    gpt = _get_patching_model(model)
-    if gpt is None:
-        raise TypeError(f"mtp_loss_type=rl needs a Megatron GPTModel, got {type(model).__name__}")
-    if not gpt.config.mtp_num_layers:
-        raise ValueError(
-            "actor_rollout_ref.model.mtp.mtp_loss_type=rl but the model has no MTP layers "
-            "(mtp_num_layers is 0/None): use a checkpoint with MTP heads (e.g. num_nextn_predict_layers > 0) "
-            "or set mtp.enable=False."
-        )
-    if getattr(gpt, "_verl_mtp_fallback_postprocess", None) is None:
-        gpt._verl_mtp_fallback_postprocess = gpt._postprocess
-    output_layer = getattr(gpt, "output_layer", None)  # absent on pipeline stages other than the last
-    if logprob_chunk_size > 0 and getattr(output_layer, "bias", None) is not None:
-        raise NotImplementedError(
-            "actor_rollout_ref.model.mtp.logprob_chunk_size > 0 needs an output layer without bias; set it to 0"
-        )
-    gpt._verl_mtp_train_lm_head = train_lm_head
-    gpt._verl_mtp_logprob_chunk_size = logprob_chunk_size
-    gpt._verl_mtp_detached_head_ce = detached_head_ce
-    gpt._postprocess = _megatron_gptmodel_postprocess_rl.__get__(gpt, gpt.__class__)
-
-
 class _DetachedEmbedding:
     """The model's embedding with its output cut from the graph: MTP inputs that train nothing upstream."""
 
@@ -193,96 +68,123 @@ class _DetachedEmbedding:
         return self.embedding(*args, **kwargs).detach()
 
 
-def _megatron_gptmodel_postprocess_rl(
-    self: GPTModel,
-    hidden_states,
-    input_ids,
-    position_ids,
-    labels,
-    rotary_pos_emb,
-    rotary_pos_cos,
-    rotary_pos_sin,
-    mtp_in_postprocess=None,
-    loss_mask=None,
-    decoder_input=None,
-    attention_mask=None,
-    inference_params=None,
-    packed_seq_params=None,
-    sequence_len_offset=None,
-    runtime_gather_output=None,
-    extra_block_kwargs=None,
-    inference_context=None,
-    **newer_kwargs,
-):
-    """Main logits as verl computes them; MTP head hidden states stashed for the RL loss.
+_NOT_SET = object()
 
-    Without gradient (verl's ``compute_log_prob``) or without labels, the MTP heads are not needed: the
-    fallback postprocess runs with ``labels=None`` and returns the main logits only.
+
+class MTPRLPostprocess:
+    """The RL postprocess of one model chunk: its settings, the postprocess it replaced, its last output.
+
+    ``patch`` installs it as the chunk's ``GPTModel._postprocess`` and ``unpatch`` puts back exactly what was
+    there. Megatron calls ``_postprocess`` with keywords only; they are passed on as they come.
+    ``detached_head_ce`` re-runs the heads on detached trunk inputs so they can also get a cross-entropy loss
+    that never reaches the trunk (see ``detached_head_ce_coef``).
     """
-    if labels is None or not torch.is_grad_enabled():
-        return self._verl_mtp_fallback_postprocess(
-            hidden_states=hidden_states,
-            input_ids=input_ids,
-            position_ids=position_ids,
-            labels=None,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            mtp_in_postprocess=False,
-            loss_mask=loss_mask,
-            decoder_input=decoder_input,
-            attention_mask=attention_mask,
-            inference_params=inference_params,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset,
+
+    def __init__(self, train_lm_head: bool = False, logprob_chunk_size: int = 0, detached_head_ce: bool = False):
+        self.train_lm_head = train_lm_head
+        self.logprob_chunk_size = logprob_chunk_size
+        self.detached_head_ce = detached_head_ce
+        self.model = None  # the GPTModel it is installed on
+        self._fallback = None  # the postprocess it replaced, run when the heads are not needed
+        self._replaced = _NOT_SET  # the chunk's own ``_postprocess`` attribute before patching, if any
+        self._output: MTPRLOutput | None = None
+
+    def patch(self, model: torch.nn.Module) -> MTPRLPostprocess:
+        """Install on ``model``'s GPTModel; raises when the model cannot serve ``mtp_loss_type=rl``."""
+        gpt = _get_patching_model(model)
+        if gpt is None:
+            raise TypeError(f"mtp_loss_type=rl needs a Megatron GPTModel, got {type(model).__name__}")
+        if not gpt.config.mtp_num_layers:
+            raise ValueError(
+                "actor_rollout_ref.model.mtp.mtp_loss_type=rl but the model has no MTP layers "
+                "(mtp_num_layers is 0/None): use a checkpoint with MTP heads (e.g. num_nextn_predict_layers > 0) "
+                "or set mtp.enable=False."
+            )
+        if isinstance(gpt._postprocess, MTPRLPostprocess):
+            raise RuntimeError("the RL postprocess is already installed on this model chunk; unpatch it first")
+        output_layer = getattr(gpt, "output_layer", None)  # absent on pipeline stages other than the last
+        if self.logprob_chunk_size > 0 and getattr(output_layer, "bias", None) is not None:
+            raise NotImplementedError(
+                "actor_rollout_ref.model.mtp.logprob_chunk_size > 0 needs an output layer without bias; set it to 0"
+            )
+        self._replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
+        self._fallback = gpt._postprocess
+        self.model = gpt
+        gpt._postprocess = self
+        return self
+
+    def unpatch(self) -> None:
+        """Restore the chunk's postprocess as it was before :meth:`patch`; drop any pending output."""
+        gpt = self.model
+        if gpt is None or gpt.__dict__.get("_postprocess") is not self:
+            raise RuntimeError("this RL postprocess is not the one installed on its model chunk")
+        if self._replaced is _NOT_SET:
+            del gpt._postprocess
+        else:
+            gpt._postprocess = self._replaced
+        self.model, self._fallback, self._replaced, self._output = None, None, _NOT_SET, None
+
+    def pop_output(self) -> MTPRLOutput | None:
+        """Take (and clear) what the last forward left; ``None`` when it ran no MTP heads for the RL loss."""
+        output, self._output = self._output, None
+        return output
+
+    def __call__(self, **kwargs):
+        """Main logits as verl computes them; the MTP heads' hidden states kept as the last output.
+
+        Without gradient (verl's ``compute_log_prob``) or without labels the heads are not needed: the
+        replaced postprocess runs with ``labels=None`` and returns the main logits only.
+        """
+        if kwargs.get("labels") is None or not torch.is_grad_enabled():
+            return self._fallback(**{**kwargs, "labels": None, "mtp_in_postprocess": False})
+        if kwargs.get("output_processor") is not None:
+            raise NotImplementedError("mtp_loss_type=rl does not support Megatron's output_processor hook")
+        hidden_states, detached = self._run_mtp_block(kwargs)
+        if not self.model.post_process:
+            return hidden_states
+        return self._main_logits_keeping_heads(hidden_states, detached, kwargs.get("runtime_gather_output"))
+
+    def _run_mtp_block(self, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The MTP block on the trunk's hidden states (and on detached inputs for the head CE), as Megatron's
+        own postprocess calls it: every keyword the block accepts, plus ``extra_block_kwargs`` spread out."""
+        gpt = self.model
+        trunk_hidden = kwargs["hidden_states"]
+        if not kwargs.get("mtp_in_postprocess"):
+            if self.detached_head_ce:
+                raise NotImplementedError("detached_head_ce_coef > 0 needs the MTP block in the postprocess stage")
+            return trunk_hidden, None
+        accepted = signature(gpt.mtp.forward).parameters
+        block_kwargs = {
+            k: v for k, v in kwargs.items() if k in accepted and k not in ("hidden_states", "extra_block_kwargs")
+        }
+        block_kwargs.update(kwargs.get("extra_block_kwargs") or {})
+        hidden_states = gpt.mtp(hidden_states=trunk_hidden, embedding=gpt.embedding, **block_kwargs)
+        if not self.detached_head_ce:
+            return hidden_states, None
+        detached = gpt.mtp(
+            hidden_states=trunk_hidden.detach(), embedding=_DetachedEmbedding(gpt.embedding), **block_kwargs
+        )
+        return hidden_states, tuple(torch.chunk(detached, 1 + gpt.config.mtp_num_layers, dim=0)[1:])
+
+    def _main_logits_keeping_heads(self, hidden_states, detached, runtime_gather_output) -> torch.Tensor:
+        gpt = self.model
+        output_weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+        chunks = torch.chunk(hidden_states, 1 + gpt.config.mtp_num_layers, dim=0)
+        self._output = MTPRLOutput(
+            hidden_states=tuple(chunks[1:]),
+            output_layer=gpt.output_layer,
+            output_weight=output_weight,
             runtime_gather_output=runtime_gather_output,
-            extra_block_kwargs=extra_block_kwargs,
-            inference_context=inference_context,
-            **newer_kwargs,
+            train_lm_head=self.train_lm_head,
+            logprob_chunk_size=self.logprob_chunk_size,
+            detached_hidden_states=detached,
         )
-    if newer_kwargs.get("output_processor") is not None:
-        raise NotImplementedError("mtp_loss_type=rl does not support Megatron's output_processor hook")
+        logits, _ = gpt.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1).contiguous()
 
-    detached_chunks = None
-    if mtp_in_postprocess:
-        optional = mtp_block_kwargs(
-            self.mtp,
-            {"padding_mask": newer_kwargs.get("padding_mask"), "mhc_multistream": newer_kwargs.get("mhc_multistream")},
-        )
-        run_mtp = partial(
-            self.mtp,
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inference_params=inference_params,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset,
-            **optional,
-            **(extra_block_kwargs or {}),
-        )
-        trunk_hidden = hidden_states
-        hidden_states = run_mtp(hidden_states=trunk_hidden, embedding=self.embedding)
-        if self._verl_mtp_detached_head_ce:
-            detached = run_mtp(hidden_states=trunk_hidden.detach(), embedding=_DetachedEmbedding(self.embedding))
-            detached_chunks = tuple(torch.chunk(detached, 1 + self.config.mtp_num_layers, dim=0)[1:])
-    elif self._verl_mtp_detached_head_ce:
-        raise NotImplementedError("detached_head_ce_coef > 0 needs the MTP block in the postprocess stage")
-    if not self.post_process:
-        return hidden_states
 
-    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-    chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
-    self.__dict__[_OUTPUT_ATTR] = MTPRLOutput(
-        hidden_states=tuple(chunks[1:]),
-        output_layer=self.output_layer,
-        output_weight=output_weight,
-        runtime_gather_output=runtime_gather_output,
-        train_lm_head=self._verl_mtp_train_lm_head,
-        logprob_chunk_size=self._verl_mtp_logprob_chunk_size,
-        detached_hidden_states=detached_chunks,
-    )
-    logits, _ = self.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
-    return logits.transpose(0, 1).contiguous()
+def patch_postprocess_rl(
+    model: torch.nn.Module, train_lm_head: bool = False, logprob_chunk_size: int = 0, detached_head_ce: bool = False
+) -> MTPRLPostprocess:
+    """Install a new :class:`MTPRLPostprocess` on ``model``'s GPTModel and return it (``unpatch`` removes it)."""
+    return MTPRLPostprocess(train_lm_head, logprob_chunk_size, detached_head_ce).patch(model)

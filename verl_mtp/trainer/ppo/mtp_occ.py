@@ -76,27 +76,34 @@ def occ_lambda(stats: OCCStatistics, lambda_plus: float, eps: float) -> torch.Te
 
 @dataclass
 class OCCState:
-    """Per-worker OCC state: the last informative lambda of each head (for ``carry_last_lambda``)."""
+    """Per-worker OCC state: the last informative lambda of each head (for ``carry_last_lambda``).
+
+    The carried lambda stays a device tensor (a plain float only after a checkpoint load) and is selected
+    with ``torch.where``, so resolving a head's lambda never waits for the device.
+    """
 
     config: OCCConfig
-    last_lambda: dict[int, float] = field(default_factory=dict)
+    last_lambda: dict[int, torch.Tensor | float] = field(default_factory=dict)
 
-    def resolve(self, head: int, stats: OCCStatistics) -> tuple[torch.Tensor, bool]:
-        """Lambda for ``head`` on this micro-batch and whether it came from this micro-batch's own signal."""
+    def resolve(self, head: int, stats: OCCStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lambda for ``head`` on this micro-batch and whether it came from this micro-batch's own signal
+        (a 0-d bool tensor)."""
         cfg = self.config
         lam = occ_lambda(stats, cfg.lambda_plus, cfg.eps)
         if cfg.max_abs_lambda is not None:
             lam = lam.clamp(-cfg.max_abs_lambda, cfg.max_abs_lambda)
         if not cfg.carry_last_lambda:
-            return lam, True
-        mean_abs_drl = stats.abs_drl_sum / stats.count.clamp_min(1)
-        if float(mean_abs_drl) > cfg.uninformative_drl:
-            self.last_lambda[head] = float(lam)
-            return lam, True
-        return lam.new_tensor(self.last_lambda.get(head, cfg.initial_lambda)), False
+            return lam, torch.ones((), dtype=torch.bool, device=lam.device)
+        informative = stats.abs_drl_sum / stats.count.clamp_min(1) > cfg.uninformative_drl
+        last = self.last_lambda.get(head, cfg.initial_lambda)
+        if not isinstance(last, torch.Tensor):
+            last = torch.full_like(lam, last)
+        lam = torch.where(informative, lam, last)
+        self.last_lambda[head] = lam
+        return lam, informative
 
     def state_dict(self) -> dict:
-        return {"last_lambda": {str(k): v for k, v in self.last_lambda.items()}}
+        return {"last_lambda": {str(k): float(v) for k, v in self.last_lambda.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_lambda = {int(k): float(v) for k, v in state.get("last_lambda", {}).items()}

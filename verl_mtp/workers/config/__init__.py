@@ -1,3 +1,19 @@
-from .mtp import MTP_LOSS_TYPES, OCC_SCOPES, MtpRLConfig, OCCConfig
+from .mtp import (
+    MTP_REGIME_REGISTRY,
+    OCC_SCOPES,
+    MtpRegime,
+    MtpRLConfig,
+    OCCConfig,
+    get_mtp_regime,
+    register_mtp_regime,
+)
 
-__all__ = ["MTP_LOSS_TYPES", "OCC_SCOPES", "MtpRLConfig", "OCCConfig"]
+__all__ = [
+    "MTP_REGIME_REGISTRY",
+    "OCC_SCOPES",
+    "MtpRegime",
+    "MtpRLConfig",
+    "OCCConfig",
+    "get_mtp_regime",
+    "register_mtp_regime",
+]

@@ -1,7 +1,7 @@
 """Configuration of joint MTP-RL training: the regime (``mtp_loss_type``) and OCC.
 
 ``MtpRLConfig`` extends verl's ``MtpConfig`` (``actor_rollout_ref.model.mtp``), so every verl key keeps its
-meaning. ``mtp_loss_type`` names the regime and sets verl's own switches to match:
+meaning. ``mtp_loss_type`` names a regime (see :data:`MTP_REGIME_REGISTRY`):
 
 * ``detach``: Megatron's MTP cross-entropy on detached trunk inputs (verl ``enable_train=True,
   detach_encoder=True``); no gradient from MTP reaches the embedding, decoder or lm_head.
@@ -10,20 +10,75 @@ meaning. ``mtp_loss_type`` names the regime and sets verl's own switches to matc
   with advantages scaled by the OCC lambda (``occ.enable``) or by the fixed ``mtp_loss_scaling_factor``.
 
 ``mtp_loss_type=None`` (the default) leaves verl's behaviour untouched.
+
+This module is a leaf of the project (it imports nothing else of it), and its objects only validate: they
+change neither themselves nor any global state. The regime's own values of verl's ``enable_train`` /
+``detach_encoder`` are handed to verl by the engine, as a copy (:meth:`MtpRLConfig.with_regime_switches`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 from verl.base_config import BaseConfig
 from verl.workers.config import MtpConfig
 
-__all__ = ["MTP_LOSS_TYPES", "OCC_SCOPES", "OCCConfig", "MtpRLConfig"]
+__all__ = [
+    "OCC_SCOPES",
+    "MTP_REGIME_REGISTRY",
+    "MtpRegime",
+    "register_mtp_regime",
+    "get_mtp_regime",
+    "OCCConfig",
+    "MtpRLConfig",
+]
 
-MTP_LOSS_TYPES = ("detach", "ce", "rl")
 OCC_SCOPES = ("micro_batch", "data_parallel")
+
+
+@dataclass(frozen=True)
+class MtpRegime:
+    """What one ``mtp_loss_type`` means, as data the config, the engine and the loss dispatch on.
+
+    A regime is a declaration rather than code because the config must validate names and options while
+    staying a leaf: the registry lives here, and the engine and the loss read its fields instead of comparing
+    names. ``detach_encoder`` is the value of verl's switch the regime needs (``enable_train`` is always
+    True); ``policy_loss`` says the heads are trained by the actor's policy loss (this project's postprocess,
+    scoring, alignment and loss term, with OCC and the options marked "rl only").
+    """
+
+    name: str
+    detach_encoder: bool
+    policy_loss: bool
+
+
+MTP_REGIME_REGISTRY: dict[str, MtpRegime] = {}
+
+
+def register_mtp_regime(regime: MtpRegime) -> MtpRegime:
+    """Add ``regime`` under its name (as verl's ``register_policy_loss`` does for policy losses)."""
+    existing = MTP_REGIME_REGISTRY.get(regime.name)
+    if existing is not None and existing != regime:
+        raise ValueError(f"MTP regime {regime.name!r} is already registered as {existing}")
+    MTP_REGIME_REGISTRY[regime.name] = regime
+    return regime
+
+
+def get_mtp_regime(name: str) -> MtpRegime:
+    """The regime registered as ``name``; the error lists the valid names."""
+    if name not in MTP_REGIME_REGISTRY:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.mtp_loss_type={name!r} is unknown; choose one of "
+            f"{tuple(MTP_REGIME_REGISTRY)} (or null to keep verl's own MTP behaviour)."
+        )
+    return MTP_REGIME_REGISTRY[name]
+
+
+register_mtp_regime(MtpRegime("detach", detach_encoder=True, policy_loss=False))
+register_mtp_regime(MtpRegime("ce", detach_encoder=False, policy_loss=False))
+register_mtp_regime(MtpRegime("rl", detach_encoder=False, policy_loss=True))
 
 
 @dataclass
@@ -85,57 +140,69 @@ class MtpRLConfig(MtpConfig):
     occ: OCCConfig = field(default_factory=OCCConfig)
 
     def __post_init__(self):
-        if isinstance(self.occ, dict):
+        if isinstance(self.occ, dict):  # built directly rather than through Hydra's nested _target_
             object.__setattr__(self, "occ", OCCConfig(**self.occ))
-        kind = self.mtp_loss_type
-        if kind is None:
+        regime = self.regime
+        if regime is None:
             if self.occ.enable:
                 raise ValueError(
                     "actor_rollout_ref.model.mtp.occ.enable=True needs mtp_loss_type=rl "
                     "(OCC calibrates the MTP policy loss)."
                 )
             return
-        if kind not in MTP_LOSS_TYPES:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.mtp_loss_type={kind!r} is unknown; choose one of {MTP_LOSS_TYPES} "
-                "(or null to keep verl's own MTP behaviour)."
-            )
         if not self.enable:
             raise ValueError(
-                f"actor_rollout_ref.model.mtp.mtp_loss_type={kind} needs actor_rollout_ref.model.mtp.enable=True "
-                "and a model with MTP layers."
+                f"actor_rollout_ref.model.mtp.mtp_loss_type={regime.name} needs actor_rollout_ref.model.mtp.enable="
+                "True and a model with MTP layers."
             )
-        if self.occ.enable and kind != "rl":
+        if self.detach_encoder and not regime.detach_encoder:
             raise ValueError(
-                f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={kind}: OCC only calibrates the "
-                "rl regime; set mtp_loss_type=rl or occ.enable=False."
-            )
-        if kind in ("ce", "rl") and self.detach_encoder:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={kind} (which trains "
-                "the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
+                f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={regime.name} (which "
+                "trains the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
             )
         if self.logprob_chunk_size < 0:
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {self.logprob_chunk_size}"
             )
-        if self.detached_head_ce_coef < 0 or (self.detached_head_ce_coef > 0 and kind != "rl"):
+        self._check_policy_loss_options(regime)
+
+    def _check_policy_loss_options(self, regime: MtpRegime) -> None:
+        """Options marked "rl only" need a regime that trains the heads with the policy loss."""
+        if self.detached_head_ce_coef < 0 or (self.detached_head_ce_coef > 0 and not regime.policy_loss):
             raise ValueError(
                 "actor_rollout_ref.model.mtp.detached_head_ce_coef must be >= 0 and only applies to "
-                f"mtp_loss_type=rl; got {self.detached_head_ce_coef} with mtp_loss_type={kind}"
+                f"mtp_loss_type=rl; got {self.detached_head_ce_coef} with mtp_loss_type={regime.name}"
             )
-        if self.train_lm_head and kind != "rl":
+        if regime.policy_loss:
+            return
+        if self.occ.enable:
             raise ValueError(
-                f"actor_rollout_ref.model.mtp.train_lm_head=True only applies to mtp_loss_type=rl, got {kind}."
+                f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={regime.name}: OCC only calibrates "
+                "the rl regime; set mtp_loss_type=rl or occ.enable=False."
             )
-        # Map the regime onto verl's own switches so verl's engine builds labels and patches accordingly.
-        object.__setattr__(self, "enable_train", True)
-        object.__setattr__(self, "detach_encoder", kind == "detach")
-        # The engine that implements the regimes must be the one verl builds, whatever the import order was.
-        from verl_mtp.plugin import register
+        if self.train_lm_head:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.train_lm_head=True only applies to mtp_loss_type=rl, got {regime.name}."
+            )
 
-        register()
+    @property
+    def regime(self) -> MtpRegime | None:
+        """The registered regime named by ``mtp_loss_type``; ``None`` keeps verl's own behaviour."""
+        return None if self.mtp_loss_type is None else get_mtp_regime(self.mtp_loss_type)
 
     @property
     def is_rl(self) -> bool:
-        return self.enable and self.mtp_loss_type == "rl"
+        """Whether the heads are trained by the policy loss (this project's engine path)."""
+        regime = self.regime
+        return self.enable and regime is not None and regime.policy_loss
+
+    def with_regime_switches(self) -> MtpRLConfig:
+        """A copy with verl's own switches set as the regime needs (``self`` when there is no regime).
+
+        ``enable_train=True`` (verl passes labels to the model and runs the heads) and the regime's
+        ``detach_encoder``; the regime wins over the values given for those two keys.
+        """
+        regime = self.regime
+        if regime is None:
+            return self
+        return dataclasses.replace(self, enable_train=True, detach_encoder=regime.detach_encoder)

@@ -8,10 +8,14 @@ Megatron's MTP cross-entropy). The term uses the same ``loss_agg_mode`` and glob
 (``global_batch_info``: dp size, global token count, global batch size) as the main policy loss, and is added
 after verl's entropy and KL terms, so neither drops it. With ``detached_head_ce_coef > 0`` each head also gets
 a cross-entropy term on its detached-input pass (it trains the heads only, never the trunk).
+
+No added host synchronisation: all heads' outputs are unpadded by one call of verl's ``no_padding_2_padding``,
+and every scalar metric of every head is read back in one device->host copy at the end of the micro-batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,17 +26,113 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import ActorConfig
 from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
-from verl_mtp.trainer.ppo.mtp_occ import OCCState, occ_statistics
+from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_statistics
 from verl_mtp.workers.config.mtp import MtpRLConfig
 
 __all__ = ["mtp_policy_loss", "with_mtp_policy_loss"]
+
+
+@dataclass
+class _HeadOutputs:
+    """One head's response-aligned outputs, padded ``[b, response_len]``."""
+
+    log_prob: torch.Tensor
+    valid: torch.Tensor
+    top1: torch.Tensor
+    ce_log_prob: torch.Tensor | None
 
 
 def _num_heads(model_output) -> int:
     k = 0
     while mtp_output_keys(k + 1)[0] in model_output:
         k += 1
+    if k == 0:
+        raise RuntimeError(
+            "mtp_loss_type=rl but the model output carries no MTP log-probs: the actor engine is not "
+            "verl_mtp's (is the verl_mtp plugin loaded? see docs/mtp_rl.md)"
+        )
     return k
+
+
+def _pad_outputs(model_output, data: TensorDict, num_heads: int, with_ce: bool):
+    """Main and per-head outputs as padded responses, through ONE call of verl's unpad helper.
+
+    The columns are stacked along a trailing dimension in a common float dtype (0/1 masks and every
+    original dtype round-trip exactly) and split again afterwards.
+    """
+    keys = ["log_probs"]
+    for k in range(1, num_heads + 1):
+        keys += [*mtp_output_keys(k), *([mtp_ce_key(k)] if with_ce else [])]
+    columns = [model_output[key].values() if model_output[key].is_nested else model_output[key] for key in keys]
+    common = torch.float32
+    for column in columns:
+        if column.is_floating_point():
+            common = torch.promote_types(common, column.dtype)
+    padded = no_padding_2_padding(torch.stack([c.to(common) for c in columns], dim=-1), data).unbind(-1)
+    padded = {key: p.to(c.dtype) for key, p, c in zip(keys, padded, columns, strict=True)}
+    heads = []
+    for k in range(1, num_heads + 1):
+        lp_key, valid_key, top1_key = mtp_output_keys(k)
+        heads.append(
+            _HeadOutputs(
+                log_prob=padded[lp_key],
+                valid=padded[valid_key].to(bool),
+                top1=padded[top1_key].to(torch.float32),
+                ce_log_prob=padded[mtp_ce_key(k)] if with_ce else None,
+            )
+        )
+    return padded["log_probs"], heads
+
+
+def _head_coefficient(
+    mtp_config: MtpRLConfig,
+    occ_state: OCCState,
+    k: int,
+    num_heads: int,
+    stats: OCCStatistics,
+    dp_group,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head ``k``'s coefficient (0-d tensor) and whether it came from this micro-batch's own signal."""
+    occ = mtp_config.occ
+    if occ.enable:
+        if occ.scope == "data_parallel" and dp_group is not None:
+            stats = stats.all_reduce(dp_group)
+        return occ_state.resolve(k, stats)
+    device = stats.numerator.device
+    coef = torch.full((), mtp_config.mtp_loss_scaling_factor / num_heads, dtype=dtype, device=device)
+    return coef, torch.ones((), dtype=torch.bool, device=device)
+
+
+def _detached_head_ce(config: ActorConfig, ce_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a head's detached-input pass on the sampled tokens, normalised like the main loss."""
+    ce_mask = mask & torch.isfinite(ce_log_prob)
+    return agg_loss(
+        loss_mat=-torch.where(ce_mask, ce_log_prob, torch.zeros_like(ce_log_prob)),
+        loss_mask=ce_mask,
+        loss_agg_mode=config.loss_agg_mode,
+        **config.global_batch_info,
+    )
+
+
+def _head_scalars(coef, informative, stats: OCCStatistics, head: _HeadOutputs, mask, scored) -> dict:
+    """Head metrics as 0-d device tensors (read back later, all at once)."""
+    # names must not contain "min"/"max": verl reduces such metrics with min/max across mini-batches
+    return {
+        "lambda": coef.detach().float(),
+        "lambda_informative": informative,
+        "occ_cross_sum": stats.numerator,
+        "occ_dmtp_sq_sum": stats.denominator,
+        "dmtp_mean": stats.dmtp_sum / stats.count.clamp_min(1),
+        "top1_agreement": (head.top1 * mask).sum() / mask.sum().clamp_min(1),
+        "nonfinite_tokens": (scored & ~torch.isfinite(head.log_prob)).sum(),
+    }
+
+
+def _read_back(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Every scalar to a Python float through one device->host copy."""
+    stacked = torch.stack([v.detach().to(torch.float64) for v in scalars.values()])
+    return dict(zip(scalars, stacked.tolist(), strict=True))
 
 
 def mtp_policy_loss(
@@ -51,85 +151,68 @@ def mtp_policy_loss(
     over micro-batches (SUM when the losses are normalised globally).
     """
     num_heads = _num_heads(model_output)
-    if num_heads == 0:
-        raise RuntimeError(
-            "mtp_loss_type=rl but the model output carries no MTP log-probs: the actor engine is not "
-            "verl_mtp's (is the verl_mtp plugin loaded? see docs/mtp_rl.md)"
-        )
-    log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    fields = ["response_mask", "old_log_probs", "advantages"] + [
-        f for f in ("rollout_is_weights",) if f in data
-    ]
-    padded = data.select(*fields).to_padded_tensor()
-    response_mask = padded["response_mask"].to(bool)
-    old_log_prob = padded["old_log_probs"]
-    advantages = padded["advantages"]
-    rollout_is_weights = padded.get("rollout_is_weights", None)
+    log_prob, heads = _pad_outputs(model_output, data, num_heads, mtp_config.detached_head_ce_coef > 0)
+    fields = ["response_mask", "old_log_probs", "advantages"] + [f for f in ("rollout_is_weights",) if f in data]
+    batch = data.select(*fields).to_padded_tensor()
+    batch["response_mask"] = batch["response_mask"].to(bool)
+    term = partial(_head_term, config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group)
 
-    policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
-    occ = mtp_config.occ
     total = log_prob.new_zeros(())
+    scalars, other_metrics = {}, {}
+    for k, head in enumerate(heads, start=1):
+        terms, head_scalars, head_metrics = term(k, head)
+        for loss_term in terms:
+            total = total + loss_term
+        scalars.update({f"actor/mtp_{k}/{name}": value for name, value in head_scalars.items()})
+        other_metrics.update({f"actor/mtp_{k}/{name}": value for name, value in head_metrics.items()})
+    scalars["actor/mtp_pg_loss"] = total
+    return total, _metrics(_read_back(scalars), other_metrics, loss_aggregation)
+
+
+def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, k: int, head: _HeadOutputs):
+    """Head ``k``'s loss terms (summed in this order), its scalar metrics (device tensors) and the policy
+    loss's own metrics."""
+    old_log_prob, advantages = batch["old_log_probs"], batch["advantages"]
+    scored = batch["response_mask"] & head.valid
+    mask = scored & torch.isfinite(head.log_prob)
+    # Unscored slots take the old log-prob: ratio 1, finite, and zero gradient into the head there, so a
+    # non-finite head output never reaches the optimizer (it is counted in ``nonfinite_tokens``).
+    mtp_log_prob = torch.where(mask, head.log_prob, old_log_prob.detach())
+    stats = occ_statistics(log_prob, mtp_log_prob, old_log_prob, mask)
+    coef, informative = _head_coefficient(mtp_config, occ_state, k, num_heads, stats, dp_group, log_prob.dtype)
+    coef = coef.to(advantages.dtype)
+    policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
+    pg_loss, policy_metrics = policy_loss_fn(
+        old_log_prob=old_log_prob,
+        log_prob=mtp_log_prob,
+        advantages=advantages * coef,
+        response_mask=mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
+        rollout_is_weights=batch.get("rollout_is_weights", None),
+    )
+    terms, scalars = [pg_loss], {}
+    if head.ce_log_prob is not None:
+        head_ce = _detached_head_ce(config, head.ce_log_prob, mask)
+        terms.append(mtp_config.detached_head_ce_coef / num_heads * head_ce)
+        scalars["head_ce_loss"] = head_ce
+    scalars.update(_head_scalars(coef, informative, stats, head, mask, scored))
+    scalars["pg_loss"] = pg_loss
+    metrics = {
+        name.split("/")[-1]: Metric(value=value, aggregation=AggregationType.MEAN)
+        for name, value in policy_metrics.items()
+    }
+    return terms, scalars, metrics
+
+
+def _metrics(values: dict[str, float], other_metrics: dict, loss_aggregation: AggregationType) -> dict:
+    """Losses as verl ``Metric``s aggregated like verl's own ``pg_loss``; the per-head scalars as floats."""
     metrics = {}
-    for k in range(1, num_heads + 1):
-        lp_key, valid_key, top1_key = mtp_output_keys(k)
-        mtp_log_prob = no_padding_2_padding(model_output[lp_key], data)
-        valid = no_padding_2_padding(model_output[valid_key], data).to(bool)
-        finite = torch.isfinite(mtp_log_prob)
-        mask = response_mask & valid & finite
-        # Unscored slots take the old log-prob: ratio 1, finite, and zero gradient into the head there, so a
-        # non-finite head output never reaches the optimizer (it is counted in ``nonfinite_tokens``).
-        mtp_log_prob = torch.where(mask, mtp_log_prob, old_log_prob.detach())
-
-        stats = occ_statistics(log_prob, mtp_log_prob, old_log_prob, mask)
-        if occ.enable and occ.scope == "data_parallel" and dp_group is not None:
-            stats = stats.all_reduce(dp_group)
-        if occ.enable:
-            coef, informative = occ_state.resolve(k, stats)
-        else:
-            coef, informative = log_prob.new_tensor(mtp_config.mtp_loss_scaling_factor / num_heads), True
-        coef = coef.to(advantages.dtype)
-
-        head_loss, head_metrics = policy_loss_fn(
-            old_log_prob=old_log_prob,
-            log_prob=mtp_log_prob,
-            advantages=advantages * coef,
-            response_mask=mask,
-            loss_agg_mode=config.loss_agg_mode,
-            config=config,
-            rollout_is_weights=rollout_is_weights,
-        )
-        total = total + head_loss
-        if mtp_config.detached_head_ce_coef > 0:
-            ce_log_prob = no_padding_2_padding(model_output[mtp_ce_key(k)], data)
-            ce_mask = mask & torch.isfinite(ce_log_prob)
-            head_ce = agg_loss(
-                loss_mat=-torch.where(ce_mask, ce_log_prob, torch.zeros_like(ce_log_prob)),
-                loss_mask=ce_mask,
-                loss_agg_mode=config.loss_agg_mode,
-                **config.global_batch_info,
-            )
-            total = total + mtp_config.detached_head_ce_coef / num_heads * head_ce
-            metrics[f"actor/mtp_{k}/head_ce_loss"] = Metric(value=head_ce.detach(), aggregation=loss_aggregation)
-        top1 = no_padding_2_padding(model_output[top1_key], data).to(torch.float32)
-        count = mask.sum().clamp_min(1)
-        scalars = {  # one device->host copy for all of them, below
-            "lambda": coef.detach().float(),
-            "lambda_informative": torch.tensor(float(informative)),
-            # names must not contain "min"/"max": verl reduces such metrics with min/max across mini-batches
-            "occ_cross_sum": stats.numerator,
-            "occ_dmtp_sq_sum": stats.denominator,
-            "dmtp_mean": stats.dmtp_sum / stats.count.clamp_min(1),
-            "top1_agreement": (top1 * mask).sum() / count,
-            "nonfinite_tokens": (response_mask & valid & ~finite).sum(),
-        }
-        values = torch.stack([v.detach().to(torch.float64).cpu() for v in scalars.values()]).tolist()
-        prefix = f"actor/mtp_{k}"
-        metrics.update({f"{prefix}/{name}": value for name, value in zip(scalars, values, strict=True)})
-        metrics[f"{prefix}/pg_loss"] = Metric(value=head_loss.detach(), aggregation=loss_aggregation)
-        for name, value in head_metrics.items():
-            metrics[f"{prefix}/{name.split('/')[-1]}"] = Metric(value=value, aggregation=AggregationType.MEAN)
-    metrics["actor/mtp_pg_loss"] = Metric(value=total.detach(), aggregation=loss_aggregation)
-    return total, metrics
+    for key, value in values.items():
+        is_loss = key.endswith(("/pg_loss", "/head_ce_loss")) or key == "actor/mtp_pg_loss"
+        metrics[key] = Metric(value=value, aggregation=loss_aggregation) if is_loss else value
+    metrics.update(other_metrics)
+    return metrics
 
 
 def _loss_with_mtp(model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, occ_state):

@@ -1,13 +1,22 @@
-"""verl's Megatron LM engine with the MTP heads wired into the RL loss (``mtp_loss_type=rl``).
+"""verl's Megatron LM engine with the MTP regimes of ``actor_rollout_ref.model.mtp.mtp_loss_type``.
 
-For every other setting this engine is verl's ``MegatronEngineWithLMHead`` unchanged. With ``rl`` it:
+Importing this module registers the engine in verl's ``EngineRegistry`` in place of verl's
+``MegatronEngineWithLMHead`` (as verl's own engines register on import). It hands verl the regime's values of
+verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it patches the model and in every
+``forward_step``), and for a regime trained by the policy loss (``rl``) it:
 
-1. installs the RL postprocess (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own MTP patch;
+1. installs one RL postprocess per model chunk (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own
+   MTP patch, keeping the chunk -> postprocess map;
 2. in the logits processor, scores each head's targets (``x[i+k+1]``, packed by verl's own packing like the
    main labels) under the main head's temperature, so verl unpacks the per-head log-probs exactly like the
    main ones (TP padding, context-parallel gather);
 3. shifts the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
 4. adds the OCC-scaled MTP policy term to verl's actor loss.
+
+On every megatron-core version it keeps verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
+in ``rl``) off the lm_head, as verl does on 0.16, and lets verl's mbridge load MTP weights under 0.17+'s
+names (:mod:`verl_mtp.models.mcore.mcore_compat`). Otherwise, without a regime (``mtp_loss_type=null``), it
+is verl's engine unchanged.
 """
 
 from __future__ import annotations
@@ -18,20 +27,27 @@ import os
 import torch
 
 from verl.utils import tensordict_utils as tu
-from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names, keep_mtp_ce_off_lm_head
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
-from verl_mtp.models.mcore.mtp_forward import pack_head_labels
-from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl, pop_mtp_rl_output, score_mtp_heads
+from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
+from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config.mtp import MtpRLConfig
+from verl_mtp.workers.engine.registry import replace_engine
 from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
 __all__ = ["MegatronMTPEngineWithLMHead"]
 
 
 class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
+    def __init__(self, model_config, *args, **kwargs):
+        if isinstance(model_config.mtp, MtpRLConfig):  # before verl reads enable_train / detach_encoder
+            model_config.mtp = model_config.mtp.with_regime_switches()
+        super().__init__(model_config, *args, **kwargs)
+        self.rl_postprocess: dict[torch.nn.Module, MTPRLPostprocess] = {}
+
     @property
     def mtp_rl(self) -> bool:
         mtp = self.model_config.mtp
@@ -41,17 +57,17 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         self._check_mtp_rl_layout()
         super().initialize()
         if self.mtp_rl:
-            self.occ_state = OCCState(self.model_config.mtp.occ)
-            for module in self.module:
-                patch_postprocess_rl(
-                    module,
-                    train_lm_head=self.model_config.mtp.train_lm_head,
-                    logprob_chunk_size=self.model_config.mtp.logprob_chunk_size,
-                    detached_head_ce=self.model_config.mtp.detached_head_ce_coef > 0,
-                )
+            mtp = self.model_config.mtp
+            self.occ_state = OCCState(mtp.occ)
+            for chunk in self.module:
+                self.rl_postprocess[chunk] = MTPRLPostprocess(
+                    train_lm_head=mtp.train_lm_head,
+                    logprob_chunk_size=mtp.logprob_chunk_size,
+                    detached_head_ce=mtp.detached_head_ce_coef > 0,
+                ).patch(chunk)
         elif self.model_config.mtp.enable:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
-            for module in self.module:
-                keep_mtp_ce_off_lm_head(module)
+            for chunk in self.module:
+                keep_mtp_ce_off_lm_head(chunk)
 
     def _build_tf_config(self):
         super()._build_tf_config()
@@ -75,25 +91,32 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                 "See docs/mtp_rl.md."
             )
 
-    def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):
-        # The logits processor needs the model that just ran, to collect its MTP heads' hidden states.
-        self._mtp_model = model
-        return super().forward_step(batch_iter, model, logits_processor_func, postprocess_micro_batch_func)
+    def _pop_mtp_output(self):
+        """The postprocess that ran the heads in this micro-batch's forward and its output, else ``(None, None)``.
+
+        Only the chunk that holds the output layer (``post_process``) leaves an output, and its logits
+        processor runs before the next forward.
+        """
+        for postprocess in self.rl_postprocess.values():
+            output = postprocess.pop_output()
+            if output is not None:
+                return postprocess, output
+        return None, None
 
     def _lm_head_logits_processor(self, logits, label, temperature, *, batch, data_format, **kwargs):
         ret = super()._lm_head_logits_processor(
             logits, label, temperature, batch=batch, data_format=data_format, **kwargs
         )
-        mtp_output = pop_mtp_rl_output(self._mtp_model) if self.mtp_rl else None
+        postprocess, mtp_output = self._pop_mtp_output()
         if mtp_output is None:
             return ret
-        head_labels = pack_head_labels(batch["input_ids"], mtp_output.num_heads, data_format, **self._packing(batch))
+        packing = self._packing(batch, postprocess.model)
+        head_labels = pack_head_labels(batch["input_ids"], mtp_output.num_heads, data_format, **packing)
         ret.update(score_mtp_heads(mtp_output, [t.view_as(label) for t in head_labels], temperature))
         return ret
 
-    def _packing(self, batch) -> dict:
+    def _packing(self, batch, gpt) -> dict:
         """The packing arguments verl's forward_step gives its own labels for this micro-batch."""
-        gpt = unwrap_model(self._mtp_model)
         cfg = self.engine_config
         return {
             "use_fp8_padding": gpt.config.fp8 in ["e4m3", "hybrid"],
@@ -131,3 +154,6 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         return super().postprocess_micro_batch_func(
             output, data, forward_only=forward_only, loss_function=loss_function, local_cp_size=local_cp_size
         )
+
+
+replace_engine(MegatronEngineWithLMHead, MegatronMTPEngineWithLMHead)

@@ -1,0 +1,102 @@
+"""The trainer's command line: verl-mtp's PPO entry point, the tiny MiMo example's config, the launcher's switches.
+
+The fixed settings of the example live in YAML (``config/tiny_mimo_example/``): ``ppo.yaml`` composes the CPU
+platform's Megatron engine group (``verl_cpu/config/cpu_engine``) and one option of each of the example's groups
+``algo`` (policy loss) and ``mode`` (MTP regime) on top of verl-mtp's primary config ``mtp_ppo_megatron_trainer``.
+This module only turns the launcher's switches into Hydra overrides on top of that: which options, paths, batch
+sizes, learning rate, seeds, steps. The user's own overrides (after ``--``) come last and win.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TRAINER_MODULE = "verl_mtp.trainer.main_ppo"
+# verl-mtp's primary config stays the primary one; the example is an appended group of the same composition.
+EXAMPLE_CONFIG = [
+    "hydra.searchpath=[pkg://verl.trainer.config,pkg://verl_cpu.config,pkg://verl_mtp_example.config]",
+    "+tiny_mimo_example=ppo",
+]
+MODE_GROUP = "tiny_mimo_example/mode"
+ALGO_GROUP = "tiny_mimo_example/algo"
+MODES = ("detach", "ce", "rl", "rl_occ", "frozen")
+ALGOS = ("dapo", "gspo")
+DEFAULT_LR_WARMUP_STEPS = 3
+MTP = "actor_rollout_ref.model.mtp"
+ACTOR = "actor_rollout_ref.actor"
+ROLLOUT = "actor_rollout_ref.rollout"
+
+
+def mini_batch(args) -> int:
+    """Prompts per mini-batch: ``--mini-batch``, else a quarter of ``--batch`` (the paper's 128 / 32)."""
+    return args.mini_batch or max(1, args.batch // 4)
+
+
+def micro_batch(args) -> int:
+    """Samples per micro-batch: ``--micro-batch``, else one whole mini-batch of samples."""
+    return args.micro_batch or mini_batch(args) * args.n
+
+
+def default_lr_warmup_steps(steps: int) -> int:
+    """3 steps, shortened to ``steps - 1``: Megatron's scheduler needs the warm-up to end before the last step
+    (``lr_warmup_steps < lr_decay_steps``, and verl decays over the whole run)."""
+    return max(0, min(DEFAULT_LR_WARMUP_STEPS, steps - 1))
+
+
+def lr_warmup_steps(args) -> int:
+    return args.lr_warmup_steps if args.lr_warmup_steps is not None else default_lr_warmup_steps(args.steps)
+
+
+def mode_overrides(args) -> list[str]:
+    """The regime's option of the ``mode`` group, plus the switches that tune it."""
+    overrides = [f"{MODE_GROUP}={args.mode}"]
+    if args.mtp_coef is not None:
+        overrides.append(f"{MTP}.mtp_loss_scaling_factor={args.mtp_coef}")
+    if args.carry_last_lambda:
+        overrides.append(f"{MTP}.occ.carry_last_lambda=True")
+    return overrides
+
+
+def resume_overrides(args) -> list[str]:
+    if args.resume_from:
+        return ["trainer.resume_mode=resume_path", f"trainer.resume_from_path={os.path.abspath(args.resume_from)}"]
+    return [f"trainer.resume_mode={'auto' if args.resume else 'disable'}"]
+
+
+def switch_overrides(args, model: str, data: str, workdir: str) -> list[str]:
+    """Every launcher switch as the Hydra override(s) it stands for."""
+    warmup = lr_warmup_steps(args)
+    return [
+        f"{ALGO_GROUP}={args.algo}",
+        *mode_overrides(args),
+        f"data.train_files={data}/train.parquet",
+        f"data.val_files={data}/val.parquet",
+        f"data.train_batch_size={args.batch}",
+        f"data.max_response_length={args.max_response_length}",
+        f"data.seed={args.seed}",
+        f"actor_rollout_ref.model.path={model}",
+        f"{ACTOR}.megatron.seed={args.seed}",
+        f"{ACTOR}.ppo_mini_batch_size={mini_batch(args)}",
+        f"{ACTOR}.ppo_micro_batch_size_per_gpu={micro_batch(args)}",
+        f"{ACTOR}.optim.lr={args.lr}",
+        f"{ACTOR}.optim.lr_warmup_steps={warmup}",
+        f"{ACTOR}.optim.lr_warmup_init={args.lr * 0.1 if warmup > 0 else 0.0}",
+        f"{ROLLOUT}.n={args.n}",
+        f"{ROLLOUT}.temperature={args.temperature}",
+        f"{ROLLOUT}.top_k={args.top_k}",
+        f"{ROLLOUT}.seed={args.seed}",
+        f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu={args.batch * args.n}",
+        f"trainer.total_training_steps={args.steps}",
+        f"trainer.save_freq={args.save_freq if args.save_freq is not None else args.steps}",
+        *resume_overrides(args),
+        f"trainer.default_local_dir={os.path.join(workdir, 'checkpoints')}",
+        f"trainer.rollout_data_dir={os.path.join(workdir, 'rollouts')}",
+        f"trainer.experiment_name={args.algo}_{args.mode}",
+    ]
+
+
+def trainer_command(args, model: str, data: str, workdir: str) -> list[str]:
+    """``python -m verl_mtp.trainer.main_ppo`` with the example's config, the switches and the user's overrides."""
+    return [sys.executable, "-m", TRAINER_MODULE, *EXAMPLE_CONFIG, *switch_overrides(args, model, data, workdir),
+            *args.overrides]
