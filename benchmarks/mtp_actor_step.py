@@ -90,6 +90,7 @@ def patch_regime(model, regime: str, chunk: int, base_loss):
     Returns the regime's RL postprocess (``None`` for detach / ce) and its loss.
     """
     from verl.utils.megatron_utils import patch_engine_mtp
+    from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
     from verl_mtp.trainer.ppo.mtp_occ import OCCState
     from verl_mtp.workers.config import MtpRLConfig, OCCConfig
@@ -103,7 +104,8 @@ def patch_regime(model, regime: str, chunk: int, base_loss):
     )
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
         patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg.with_regime_switches()})())
-    if not mtp_cfg.is_rl:
+    if not mtp_cfg.is_rl:  # what the engine does for verl's own MTP cross-entropy
+        keep_mtp_ce_off_lm_head(model)
         return None, base_loss
     hook = patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
     return hook, with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup_env.sh, a no-op when up to date) and run the test suite on CPU.
 # Extra arguments go to pytest, e.g. `bash scripts/run_tests.sh -k occ -x`.
+# VERL_MTP_MCORE=<version> runs them on that megatron-core version (see scripts/setup_env.sh).
 # Exits non-zero on any failure, including "no tests collected" (pytest exit code 5).
 set -euo pipefail
 
@@ -8,10 +9,11 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 bash scripts/setup_env.sh
+venv="$(bash scripts/venv_path.sh)"  # .venv, or .venv-mcore-<version> with VERL_MTP_MCORE
 
-echo "[run_tests] .venv/bin/python -m pytest tests -q $*" >&2
+echo "[run_tests] $venv/bin/python -m pytest tests -q $*" >&2
 rc=0
-.venv/bin/python -m pytest tests -q "$@" || rc=$?
+"$venv/bin/python" -m pytest tests -q "$@" || rc=$?
 
 case "$rc" in
     0) echo "[run_tests] all tests passed" >&2 ;;

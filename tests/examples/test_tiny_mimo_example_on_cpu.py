@@ -255,6 +255,8 @@ def _cpu_mimo_bridge(hf_config, **overrides):
 
 def _assert_bridge_loaded_the_safetensors(model, bridge, tiny_dir, k):
     """Every HF tensor is consumed, nothing else is asked for, and the loaded weights equal the saved ones."""
+    from verl_mtp.models.mcore.mcore_compat import mtp_inner_layer
+
     saved = load_file(os.path.join(tiny_dir, "model.safetensors"))
     state = model.state_dict()
     asked = {h for n in state if "_extra_state" not in n for h in bridge._weight_name_mapping_mcore_to_hf(n)}
@@ -268,9 +270,11 @@ def _assert_bridge_loaded_the_safetensors(model, bridge, tiny_dir, k):
     }
     for j in range(k):
         pairs[f"mtp.layers.{j}.eh_proj.weight"] = f"model.mtp_layers.{j}.input_proj.weight"
-        pairs[f"mtp.layers.{j}.transformer_layer.mlp.linear_fc2.weight"] = f"model.mtp_layers.{j}.mlp.down_proj.weight"
     for mcore_name, hf_name in pairs.items():
         torch.testing.assert_close(state[mcore_name], saved[hf_name], rtol=0, atol=0, msg=mcore_name)
+    for j in range(k):  # the MTP layer's own transformer layer, whatever this megatron-core version names it
+        fc2 = mtp_inner_layer(model.mtp.layers[j]).mlp.linear_fc2.weight
+        torch.testing.assert_close(fc2, saved[f"model.mtp_layers.{j}.mlp.down_proj.weight"], rtol=0, atol=0)
     fc1 = torch.cat([saved["model.layers.0.mlp.gate_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"]])
     torch.testing.assert_close(state["decoder.layers.0.mlp.linear_fc1.weight"], fc1, rtol=0, atol=0)
 
@@ -288,6 +292,7 @@ def test_mbridge_builds_gptmodel_with_mtp_and_loads_the_weights(tiny_dir, cpu_cu
     from verl_cpu.testing import forward_bshd
     from verl.utils.megatron_utils import McoreModuleWrapperConfig, check_mtp_config, make_megatron_module
     from verl.workers.config.model import HFModelConfig, MtpConfig
+    from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names
 
     model_config = HFModelConfig(path=tiny_dir, trust_remote_code=True, mtp=MtpConfig(enable=True))
     hf_config = model_config.hf_config
@@ -296,6 +301,7 @@ def test_mbridge_builds_gptmodel_with_mtp_and_loads_the_weights(tiny_dir, cpu_cu
     engine_config = SimpleNamespace(override_transformer_config={})  # the field check_mtp_config writes
     check_mtp_config(model_config, engine_config)
     bridge = _cpu_mimo_bridge(hf_config, **engine_config.override_transformer_config)
+    adapt_mbridge_mtp_names(bridge)  # what verl-mtp's engine does to verl's bridge (megatron-core >= 0.17)
     assert bridge.config.mtp_num_layers == k and bridge.config.mtp_loss_scaling_factor == 0.1
 
     tf_config = bridge.config

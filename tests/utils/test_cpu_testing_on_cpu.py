@@ -7,7 +7,13 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, MultiTokenPredictionLayer
 
-from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, forward_bshd, init_cpu_megatron
+from verl_cpu.testing import (
+    MTP_LOSS_TRACKER_KEY,
+    build_tiny_gpt,
+    causal_attention_mask,
+    forward_bshd,
+    init_cpu_megatron,
+)
 
 VOCAB, BATCH, SEQ = 64, 2, 16
 
@@ -98,7 +104,7 @@ def test_labels_exercise_mtp_loss_and_train_every_mtp_layer(k):
         layer = {n: v for n, v in grads.items() if n.startswith(f"mtp.layers.{i}.")}
         assert layer and all(v > 0 for v in layer.values()), layer
     # Megatron logged one positive MTP loss per layer in its own tracker, created on the CPU.
-    values = MTPLossLoggingHelper.tracker["values"]
+    values = MTPLossLoggingHelper.tracker[MTP_LOSS_TRACKER_KEY]
     assert values.device.type == "cpu" and values.shape == (k,) and (values > 0).all()
 
 

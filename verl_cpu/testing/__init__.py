@@ -18,6 +18,7 @@ shaped as verl's engine hands them to ``ppo_loss`` (:mod:`.actor_batch`)::
 from verl_cpu.testing.actor_batch import make_actor_batch, nested_like
 from verl_cpu.testing.ranks import RankInfo, run_cpu_ranks
 from verl_cpu.testing.tiny_gpt import (
+    MTP_LOSS_TRACKER_KEY,
     build_tiny_gpt,
     causal_attention_mask,
     destroy_cpu_megatron,
@@ -27,6 +28,7 @@ from verl_cpu.testing.tiny_gpt import (
 )
 
 __all__ = [
+    "MTP_LOSS_TRACKER_KEY",
     "RankInfo",
     "build_tiny_gpt",
     "causal_attention_mask",

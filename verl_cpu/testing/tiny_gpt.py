@@ -10,7 +10,9 @@ constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-para
 
 * ``forward_bshd(labels=None)`` on an MTP model runs the main head only: megatron-core 0.16.1
   ``GPTModel._postprocess`` calls ``labels.clone()`` whenever ``config.mtp_num_layers`` is set, so MTP is
-  hidden for that one call (what verl's patched ``_postprocess`` does without labels);
+  hidden for that one call (what verl's patched ``_postprocess`` does without labels); newer versions do not
+  crash (0.17-0.18 skip MTP, 0.19 derives labels from the input ids), and the same hiding gives the same
+  main-head-only forward on every version;
 * an explicit causal mask (the local softmax builds its default one on ``device="cuda"``);
 * ``prepare_mtp_loss_tracker``: Megatron's MTP loss tracker is process-global and sized by the first model, so
   a model with another head count in the same process needs it resized;
@@ -21,7 +23,7 @@ constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-para
 Not supported here: RoPE (``RotaryEmbedding.forward`` needs a CUDA ``inv_freq``; positions are learned
 absolute), context parallel with the default local attention (it has no CP: use ``packed_attention=True``),
 TransformerEngine specs, fp16/bf16, virtual pipeline stages.
-Tested with megatron-core 0.16.1, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
+Tested with megatron-core 0.16.1, 0.18.0 and 0.19.2, torch 2.13.0 (CPU build), verl 0.9.1, Python 3.11.
 """
 
 from __future__ import annotations
@@ -56,14 +58,26 @@ def free_port() -> int:
 
 
 def prepare_mtp_loss_tracker(num_mtp_layers: int) -> None:
-    """Make ``MTPLossLoggingHelper.tracker["values"]`` hold one slot per MTP layer.
+    """Make Megatron's MTP loss tracker buffers (``MTP_LOSS_TRACKER_KEY`` and, on 0.19, the token counts) hold
+    one slot per MTP layer.
 
     An existing buffer of the right size is kept (it accumulates, as in megatron); a missing or wrongly sized
     one is replaced (the tracker is process-global, so models with different K in one process would clash).
     """
-    values = MTPLossLoggingHelper.tracker.get("values")
-    if values is None or values.numel() != num_mtp_layers:
-        MTPLossLoggingHelper.tracker["values"] = torch.zeros(num_mtp_layers)
+    for key in _MTP_TRACKER_KEYS:
+        values = MTPLossLoggingHelper.tracker.get(key)
+        if values is None or values.numel() != num_mtp_layers:
+            MTPLossLoggingHelper.tracker[key] = torch.zeros(num_mtp_layers)
+
+
+# megatron-core 0.19 tracks the loss and the correct / total token counts (``save_metrics_to_tracker``);
+# earlier versions the loss only.
+if hasattr(MTPLossLoggingHelper, "save_metrics_to_tracker"):
+    MTP_LOSS_TRACKER_KEY = "loss_values"
+    _MTP_TRACKER_KEYS = ("loss_values", "correct_values", "total_values")
+else:
+    MTP_LOSS_TRACKER_KEY = "values"
+    _MTP_TRACKER_KEYS = ("values",)
 
 
 def _init_process_group(rank: int, world_size: int, init_method: Optional[str], timeout_s: float) -> None:

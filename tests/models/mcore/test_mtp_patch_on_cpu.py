@@ -16,6 +16,7 @@ from support.mtp_batches import bshd_head_labels
 from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl.utils.megatron_utils import patch_engine_mtp
+from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head, mtp_inner_layer
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, head_labels, mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess, patch_postprocess_rl
@@ -39,7 +40,7 @@ def naive_head_log_probs(model, seq: torch.Tensor, temperature: float) -> dict[i
         layer = model.mtp.layers[k - 1]
         e = layer.enorm(model.embedding(input_ids=ids[None], position_ids=pos[None]))
         z, _ = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))
-        z, _ = layer.transformer_layer(hidden_states=z, attention_mask=mask)
+        z, _ = mtp_inner_layer(layer)(hidden_states=z, attention_mask=mask)
         h = layer.final_layernorm(z)
         logits, _ = model.output_layer(h)
         log_softmax = torch.log_softmax(logits[:, 0, :] / temperature, dim=-1)
@@ -56,10 +57,13 @@ def rl_model(k, train_lm_head=False, chunk=0, **kw):
 
 
 def apply_regime(model, mtp_config):
-    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then ours for ``rl``."""
+    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then ours (the RL
+    postprocess for ``rl``, the frozen lm_head for verl's MTP cross-entropy otherwise)."""
     patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config.with_regime_switches()))
     if mtp_config.is_rl:
         patch_postprocess_rl(model, mtp_config.train_lm_head, mtp_config.logprob_chunk_size)
+    else:
+        keep_mtp_ce_off_lm_head(model)
 
 
 def pop_output(model):
@@ -306,6 +310,19 @@ def test_detached_head_ce_trains_heads_but_sends_nothing_into_the_trunk(chunk):
             continue
         torch.testing.assert_close(both[name], rl_only[name], rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(both[n], rl_only[n]) for n in both if n.startswith("mtp."))
+
+
+@pytest.mark.parametrize("share_embeddings", [False, True], ids=["untied", "tied"])
+def test_detach_trains_only_the_mtp_layers_with_a_tied_or_untied_lm_head(share_embeddings):
+    """With tied embeddings the lm_head weight is the word embedding, reached through ``output_weight``: the MTP
+    cross-entropy must not train it through either route."""
+    model = build_tiny_gpt(2, vocab_size=VOCAB, share_embeddings=share_embeddings)
+    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="detach"))
+    loss = mtp_only_loss_ce(model, [torch.randint(1, VOCAB, (8,)) for _ in range(2)])
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
+    assert trained == {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
 
 
 @pytest.mark.parametrize("verl_patched", [True, False], ids=["over_verls_patch", "over_megatrons_method"])

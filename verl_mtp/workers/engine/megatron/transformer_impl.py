@@ -13,7 +13,10 @@ verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it patches th
 3. shifts the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
 4. adds the OCC-scaled MTP policy term to verl's actor loss.
 
-Without a regime (``mtp_loss_type=null``) it is verl's engine unchanged.
+On every megatron-core version it keeps verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
+in ``rl``) off the lm_head, as verl does on 0.16, and lets verl's mbridge load MTP weights under 0.17+'s
+names (:mod:`verl_mtp.models.mcore.mcore_compat`). Otherwise, without a regime (``mtp_loss_type=null``), it
+is verl's engine unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names, keep_mtp_ce_off_lm_head
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
 from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
@@ -65,6 +69,14 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                     logprob_chunk_size=mtp.logprob_chunk_size,
                     detached_head_ce=mtp.detached_head_ce_coef > 0,
                 ).patch(chunk)
+        elif self.model_config.mtp.enable:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
+            for chunk in self.module:
+                keep_mtp_ce_off_lm_head(chunk)
+
+    def _build_tf_config(self):
+        super()._build_tf_config()
+        if getattr(self, "bridge", None) is not None:  # before verl loads the weights through it
+            adapt_mbridge_mtp_names(self.bridge)
 
     def _check_mtp_rl_layout(self):
         """Refuse, before anything is built, the layouts whose MTP inputs would be rolled wrongly.

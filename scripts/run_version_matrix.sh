@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` and CI run):
+# not part of `.ci/run` yet; run by hand. For each version, set up its own virtualenv (.venv-mcore-<version>, cached by its stamp) and run the
+# unit and multi-process tests on it; the e2e trainer tests (tests/e2e) also run on verl's pin.
+#   VERL_MTP_MATRIX      versions to run (default: the tested ones other than the default, see venv_path.sh)
+#   VERL_MTP_E2E_MCORE   versions whose leg includes tests/e2e (default: 0.18.0, verl 0.9.x's pin)
+# Prints one line per leg (set-up time, test time, pytest's summary); exits non-zero if any leg fails.
+# Extra arguments go to pytest.
+set -uo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+summary=()
+failed=0
+default_mcore="$(env -u VERL_MTP_MCORE bash scripts/venv_path.sh --mcore)"
+tested="0.16.1 0.18.0 0.19.2"
+for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
+    log="$(mktemp)"
+    t0=$SECONDS
+    VERL_MTP_MCORE="$mcore" bash scripts/setup_env.sh
+    rc=$?
+    t1=$SECONDS
+    if [[ $rc -eq 0 ]]; then
+        skip_e2e=(--ignore=tests/e2e)
+        [[ " ${VERL_MTP_E2E_MCORE:-0.18.0} " == *" $mcore "* ]] && skip_e2e=()
+        VERL_MTP_MCORE="$mcore" bash scripts/run_tests.sh "${skip_e2e[@]}" "$@" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+    fi
+    t2=$SECONDS
+    result="$(grep -E '^=*.* (passed|failed|error)' "$log" | tail -1 | tr -d '=')"
+    rm -f "$log"
+    summary+=("[matrix] megatron-core $mcore: set-up $((t1 - t0))s, tests $((t2 - t1))s, rc $rc:${result:- no summary}")
+    [[ $rc -eq 0 ]] || failed=1
+done
+printf '%s\n' "${summary[@]}" >&2
+exit "$failed"
