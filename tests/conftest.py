@@ -8,9 +8,15 @@
 * Silences megatron-core 0.16.1 warnings that are expected on a CPU box without TransformerEngine/Apex
   or come from megatron's own defaults (each tiny model build emits dozens), so reports stay readable.
   Only these exact messages are filtered; other megatron warnings still show.
+* Every test leaves Megatron's attention-backend variables (``NVTE_*``, exported into ``os.environ`` by each
+  GPTModel build) as it found them, so one test's model build cannot break a later test's child processes.
 """
 
+import os
+
 import pytest
+
+from verl_cpu.environment import MEGATRON_ATTENTION_ENV
 
 _EXPECTED_MCORE_WARNINGS = (
     "ignore:Transformer Engine and Apex are not installed:UserWarning",
@@ -35,3 +41,14 @@ def cpu_megatron():
     init_cpu_megatron()
     yield
     destroy_cpu_megatron()
+
+
+@pytest.fixture(autouse=True)
+def _restore_megatron_attention_env():
+    saved = {key: os.environ.get(key) for key in MEGATRON_ATTENTION_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

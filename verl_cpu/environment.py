@@ -3,7 +3,7 @@
 verl picks its platform and imports ``VERL_USE_EXTERNAL_MODULES`` when ``verl`` is first imported, in the driver
 and again in every Ray worker (which inherit the driver's environment), so both must be set before that import:
 in ``os.environ`` of the current process (``os.environ.update(cpu_process_env())`` before ``import verl``) or in
-the environment of a child process (``{**os.environ, **cpu_process_env()}``).
+the environment of a child process (:func:`cpu_child_env`).
 """
 
 from __future__ import annotations
@@ -40,3 +40,16 @@ def cpu_process_env(one_rank: bool = False) -> dict[str, str]:
     if one_rank:
         env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or _free_port()
     return env
+
+
+# Megatron's ``LanguageModule._set_attention_backend`` exports these into ``os.environ`` when a model is built with
+# a non-local backend and asserts in any later build whose backend disagrees. A CPU child always builds with
+# ``attention_backend=local`` (the CPU engine's setting), so values inherited from its parent can only break it.
+MEGATRON_ATTENTION_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def cpu_child_env(one_rank: bool = False) -> dict[str, str]:
+    """The whole environment of a child process that runs verl on CPU: this one's, without Megatron's attention
+    backend exports (see ``MEGATRON_ATTENTION_ENV``), plus :func:`cpu_process_env`."""
+    inherited = {k: v for k, v in os.environ.items() if k not in MEGATRON_ATTENTION_ENV}
+    return {**inherited, **cpu_process_env(one_rank)}

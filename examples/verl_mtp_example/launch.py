@@ -66,7 +66,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from verl_cpu.environment import cpu_process_env
+from verl_cpu.environment import cpu_child_env, cpu_process_env
 from verl_mtp_example import metrics_view as mv
 from verl_mtp_example import run_dir
 from verl_mtp_example.preparation import PreparationError, SftSettings, prepare
@@ -92,7 +92,7 @@ class Run:
 
 def trainer_env() -> dict:
     """The environment of the SFT and trainer processes (and, through them, of every Ray worker)."""
-    env = {**os.environ, **cpu_process_env()}
+    env = cpu_child_env()
     for key, value in LAUNCHER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     return env

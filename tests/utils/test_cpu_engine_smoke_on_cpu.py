@@ -7,7 +7,6 @@ cuda (after the CPU platform had loaded).
 """
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -34,13 +33,10 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def run_engine_smoke(model_dir, *overrides):
-    # NVTE_*: earlier in-process GPTModel builds with attention_backend=auto export them, and Megatron then
-    # rejects the subprocess's attention_backend=local.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK") and not k.startswith("NVTE_")
-    }
+    from verl_cpu.environment import cpu_child_env
+
+    # The smoke makes its own one-rank world; a rank inherited from this process would override it.
+    env = {k: v for k, v in cpu_child_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "verl_cpu.engine_smoke", "--model", model_dir, "--steps", "2",
            "--config-module", "verl_mtp.trainer.config", "--config-name", "mtp_ppo_megatron_trainer", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -112,6 +112,19 @@ def test_cpu_process_env_puts_the_plugin_first_and_keeps_user_settings(monkeypat
     assert cpu_process_env(one_rank=True)["MASTER_PORT"] == "29555"
 
 
+def test_cpu_child_env_drops_megatron_attention_exports_of_the_parent(monkeypatch):
+    """A model built here with attention_backend=flash exports NVTE_FLASH_ATTN=1; a CPU child (local backend)
+    inheriting it fails Megatron's backend assertion, as CI's e2e tests did after an in-process benchmark build."""
+    from verl_cpu.environment import MEGATRON_ATTENTION_ENV, cpu_child_env
+
+    for key in MEGATRON_ATTENTION_ENV:
+        monkeypatch.setenv(key, "1")
+    monkeypatch.setenv("SOME_USER_SETTING", "kept")
+    env = cpu_child_env()
+    assert not set(MEGATRON_ATTENTION_ENV) & set(env)
+    assert env["SOME_USER_SETTING"] == "kept" and env["VERL_PLATFORM"] == "cpu"
+
+
 def test_megatron_cpu_config_group_composes_at_the_engine_node():
     import yaml
     from hydra import compose, initialize_config_module
