@@ -51,8 +51,8 @@ class PeakTensorMemory(TorchDispatchMode):
         if not isinstance(t, torch.Tensor) or t.is_nested:
             return
         storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in self._seen:
+        key = storage._cdata  # the storage object itself: fake tensors (mtp_flops) have no data pointer
+        if key in self._seen:
             return
         self._seen.add(key)
         size = storage.nbytes()

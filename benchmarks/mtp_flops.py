@@ -27,17 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
-from benchmarks.mtp_actor_step import REGIMES, base_ppo_loss, make_step, patch_regime
+from benchmarks.mtp_actor_step import REGIMES, PeakTensorMemory, base_ppo_loss, make_step, patch_regime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +97,8 @@ def _bytes_touched(t: torch.Tensor) -> int:
     return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
 
 
-class StepCost(TorchDispatchMode):
-    """Counts FLOPs, bytes moved and the peak of live tensor bytes of everything run under it.
+class StepCost(PeakTensorMemory):
+    """Counts FLOPs and bytes moved of everything run under it, on top of the peak of live tensor bytes.
 
     ``phase`` (set by :meth:`in_phase`) attributes FLOPs to a named part of the step as well; in the
     ``chunked_backward`` phase a product whose output is a logits chunk ``[rows, vocab]`` counts as
@@ -114,10 +112,8 @@ class StepCost(TorchDispatchMode):
         self.flops = 0
         self.attention_flops = 0
         self.bytes = 0
-        self.live = self.peak = 0
         self.phase_flops: dict[str, int] = {}
         self._phase = None
-        self._seen: set[int] = set()
         self._real = WeakIdKeyDictionary()  # fake tensor -> its real value
 
     @contextlib.contextmanager
@@ -176,22 +172,6 @@ class StepCost(TorchDispatchMode):
             return
         with unset_fake_temporarily():
             self._real[out] = func(*args, **kwargs)
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-
-        def release(key=key, size=size):
-            self._seen.discard(key)
-            self.live -= size
-
-        weakref.finalize(storage, release)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
