@@ -13,11 +13,13 @@
 #   SPEC_NUM_TOKENS       draft tokens per step for SPEC_DECODE=1 (default: 1)
 #   DRY_RUN               1: print the composed, resolved config and exit; nothing runs (default: 0)
 #   LOGGER                trainer.logger                                  (default: ["console","tensorboard"])
+#   DATA_HOME             where models/, data/ and ckpts/ live             (default: ~/verl_mtp)
 #
 # Defines:
 #   MTP_ARGS        Hydra overrides for actor_rollout_ref.model.mtp (regime, coefficient, OCC, rollout)
 #   HYDRA_RUN_ARGS  "--cfg job --resolve" when DRY_RUN=1, else empty
 #   MTP_TAG         short name of the regime for experiment names
+#   mtp_rl_paper_defaults    the paper's budget and DAPO settings for every variable not set yet
 #   mtp_rl_overrides         the Hydra overrides every recipe passes, from the variables the script sets
 #                            (DATA_ARGS, ALGORITHM_ARGS, ACTOR_ARGS, REF_ARGS, ROLLOUT_ARGS, TRAINER_ARGS)
 
@@ -31,6 +33,7 @@ SPEC_DECODE=${SPEC_DECODE:-0}
 SPEC_NUM_TOKENS=${SPEC_NUM_TOKENS:-1}
 DRY_RUN=${DRY_RUN:-0}
 LOGGER=${LOGGER:-'["console","tensorboard"]'}
+DATA_HOME=${DATA_HOME:-${HOME}/verl_mtp}
 
 _mtp_prefix=actor_rollout_ref.model.mtp
 
@@ -105,6 +108,44 @@ if [[ "${DRY_RUN}" == "1" ]]; then
     # Compose and resolve the whole config, print it as YAML on stdout and exit (no Ray, no GPU).
     HYDRA_RUN_ARGS=(--cfg job --resolve)
 fi
+
+# The paper's shared budget (DAPO-Math-17k / AIME-2024, 128 prompts x 16 responses, 200 steps, 2k + 8k tokens) and
+# its DAPO algorithm, as defaults for every variable the calling script (or the environment) has not set. A
+# script sets what is its own (model, cluster, layout, a different algorithm) first, then calls this.
+# Needs EXP_NAME (for CKPTS_DIR).
+mtp_rl_paper_defaults() {
+    : "${PROJECT_NAME:=verl_mtp_rl}"
+    : "${GPUS_PER_NODE:=8}"
+    : "${TRAIN_FILE:=${DATA_HOME}/data/dapo-math-17k.parquet}"
+    : "${VAL_FILE:=${DATA_HOME}/data/aime-2024.parquet}"
+    : "${CKPTS_DIR:=${DATA_HOME}/ckpts/${PROJECT_NAME}/${EXP_NAME}}"
+    : "${MAX_PROMPT_LENGTH:=2048}"
+    : "${MAX_RESPONSE_LENGTH:=8192}"
+    : "${OVERLONG_BUFFER_LEN:=4096}"
+    : "${OVERLONG_PENALTY_FACTOR:=1.0}"
+    : "${TRAIN_PROMPT_BSZ:=128}"
+    : "${N_RESP_PER_PROMPT:=16}"
+    : "${TRAIN_PROMPT_MINI_BSZ:=32}"
+    : "${LR:=1e-6}"
+    # DAPO's policy loss: PPO's token-level clip (verl's vanilla) with the clip-higher range.
+    : "${CLIP_RATIO_LOW:=0.2}"
+    : "${CLIP_RATIO_HIGH:=0.28}"
+    : "${CLIP_RATIO_C:=10.0}"
+    : "${POLICY_LOSS_MODE:=vanilla}"
+    : "${LOSS_AGG_MODE:=token-mean}"
+    # DAPO dynamic sampling: drop groups whose responses all score the same and refill the batch.
+    : "${FILTER_GROUPS:=True}"
+    : "${FILTER_GROUPS_METRIC:=acc}"
+    : "${FILTER_MAX_INFLIGHT:=1}"
+    : "${TOTAL_STEPS:=200}"
+    : "${TEMPERATURE:=1.0}"
+    : "${VAL_TOP_P:=0.7}"
+    : "${VAL_N:=32}"  # avg@32, as the paper reports
+    : "${OFFLOAD:=True}"
+    # Weights are converted by mbridge (the legacy backend, vanilla_mbridge=True, which has MiMo and GLM-4.5
+    # support and is the bridge this project installs). Set False for Megatron-Bridge.
+    : "${VANILLA_MBRIDGE:=True}"
+}
 
 # The overrides the three recipes share, one array per block of the config, built from the variables the
 # calling script has set at its top (paths, the paper's budget, its algorithm and parallel layout):
