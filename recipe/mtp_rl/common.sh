@@ -20,6 +20,7 @@
 #   HYDRA_RUN_ARGS  "--cfg job --resolve" when DRY_RUN=1, else empty
 #   MTP_TAG         short name of the regime for experiment names
 #   mtp_rl_paper_defaults    the paper's budget and DAPO settings for every variable not set yet
+#   mtp_rl_launch            runs the trainer with all of the above, then its own arguments
 #   mtp_rl_overrides         the Hydra overrides every recipe passes, from the variables the script sets
 #                            (DATA_ARGS, ALGORITHM_ARGS, ACTOR_ARGS, REF_ARGS, ROLLOUT_ARGS, TRAINER_ARGS)
 
@@ -264,4 +265,18 @@ mtp_rl_overrides() {
         trainer.resume_mode=auto
         trainer.log_val_generations=10
     )
+}
+
+# verl-mtp's trainer with the blocks mtp_rl_overrides built (plus what the script appended to them) and the regime;
+# the script's own arguments come last, so they win.
+mtp_rl_launch() {
+    python3 -m verl_mtp.trainer.main_ppo "${HYDRA_RUN_ARGS[@]}" \
+        "${DATA_ARGS[@]}" \
+        "${ALGORITHM_ARGS[@]}" \
+        "${ACTOR_ARGS[@]}" \
+        "${REF_ARGS[@]}" \
+        "${ROLLOUT_ARGS[@]}" \
+        "${MTP_ARGS[@]}" \
+        "${TRAINER_ARGS[@]}" \
+        "$@"
 }

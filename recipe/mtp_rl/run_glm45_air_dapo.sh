@@ -50,20 +50,17 @@ mtp_rl_paper_defaults
 # MTP_ARGS: the MTP_MODE regime. Only GLM-4.5-Air's MoE settings are spelled out here.
 mtp_rl_overrides
 
-python3 -m verl_mtp.trainer.main_ppo "${HYDRA_RUN_ARGS[@]}" \
-    "${DATA_ARGS[@]}" \
-    "${ALGORITHM_ARGS[@]}" \
-    "${ACTOR_ARGS[@]}" \
-    actor_rollout_ref.actor.megatron.expert_model_parallel_size="${TRAIN_EP}" \
-    actor_rollout_ref.actor.megatron.expert_tensor_parallel_size="${TRAIN_ETP}" \
-    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity=full \
-    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_method=uniform \
-    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1 \
-    ++actor_rollout_ref.actor.megatron.override_transformer_config.moe_router_dtype=fp32 \
-    "${REF_ARGS[@]}" \
-    actor_rollout_ref.ref.megatron.expert_model_parallel_size="${TRAIN_EP}" \
-    actor_rollout_ref.ref.megatron.expert_tensor_parallel_size="${TRAIN_ETP}" \
-    "${ROLLOUT_ARGS[@]}" \
-    "${MTP_ARGS[@]}" \
-    "${TRAINER_ARGS[@]}" \
-    "$@"
+# GLM-4.5-Air's own: expert parallelism, full recomputation, an fp32 router.
+ACTOR_ARGS+=(
+    actor_rollout_ref.actor.megatron.expert_model_parallel_size="${TRAIN_EP}"
+    actor_rollout_ref.actor.megatron.expert_tensor_parallel_size="${TRAIN_ETP}"
+    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity=full
+    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_method=uniform
+    actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1
+    ++actor_rollout_ref.actor.megatron.override_transformer_config.moe_router_dtype=fp32
+)
+REF_ARGS+=(
+    actor_rollout_ref.ref.megatron.expert_model_parallel_size="${TRAIN_EP}"
+    actor_rollout_ref.ref.megatron.expert_tensor_parallel_size="${TRAIN_ETP}"
+)
+mtp_rl_launch "$@"

@@ -45,12 +45,4 @@ mtp_rl_paper_defaults
 # MTP_ARGS: the MTP_MODE regime.
 mtp_rl_overrides
 
-python3 -m verl_mtp.trainer.main_ppo "${HYDRA_RUN_ARGS[@]}" \
-    "${DATA_ARGS[@]}" \
-    "${ALGORITHM_ARGS[@]}" \
-    "${ACTOR_ARGS[@]}" \
-    "${REF_ARGS[@]}" \
-    "${ROLLOUT_ARGS[@]}" \
-    "${MTP_ARGS[@]}" \
-    "${TRAINER_ARGS[@]}" \
-    "$@"
+mtp_rl_launch "$@"
