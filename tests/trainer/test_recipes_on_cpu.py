@@ -233,7 +233,10 @@ def test_script_shape(script):
     text = (RECIPE_DIR / script).read_text()
     assert "set -xeuo pipefail" in text
     assert re.search(r'source "\$\{SCRIPT_DIR\}/common.sh"', text)
-    assert len(re.findall(r"python3 -m verl_mtp\.trainer\.main_ppo", text)) == 1
+    # One launch, through common.sh's mtp_rl_launch (the trainer command is written there only), with the
+    # script's own arguments.
+    assert len(re.findall(r'^mtp_rl_launch "\$@"$', text, flags=re.M)) == 1
+    assert "python3" not in text
     # The MTP_MODE -> overrides mapping lives in common.sh only.
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "model.mtp." not in code and "mtp_loss_type" not in code
@@ -241,8 +244,10 @@ def test_script_shape(script):
     subprocess.run(["bash", "-n", str(RECIPE_DIR / script)], check=True)
 
 
-def test_common_is_valid_bash():
+def test_common_is_valid_bash_and_holds_the_one_trainer_command():
     subprocess.run(["bash", "-n", str(RECIPE_DIR / "common.sh")], check=True)
+    text = (RECIPE_DIR / "common.sh").read_text()
+    assert len(re.findall(r"python3 -m verl_mtp\.trainer\.main_ppo", text)) == 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
