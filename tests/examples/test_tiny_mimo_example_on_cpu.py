@@ -345,9 +345,11 @@ def test_project_cpu_bridge_builds_mimo_with_mtp(tmp_path, cpu_cuda_device):
     from mbridge.models.mimo import MimoBridge
     from verl.workers.config.model import HFModelConfig, MtpConfig
     from verl_cpu.bridges import make_cpu_bridge
+    from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names
 
     path = make_tiny_mimo(str(tmp_path / "m"), num_mtp_layers=1)
     hf_config = HFModelConfig(path=path, trust_remote_code=True, mtp=MtpConfig(enable=True)).hf_config
     bridge = make_cpu_bridge(MimoBridge)(hf_config, dtype=torch.float32)
+    adapt_mbridge_mtp_names(bridge)  # as verl-mtp's engine does before loading (megatron-core >= 0.17 names)
     bridge.set_extra_args(**CPU_OVERRIDES)
     bridge.load_weights(bridge.get_model(wrap_with_ddp=False, fp16=False, bf16=False), path)

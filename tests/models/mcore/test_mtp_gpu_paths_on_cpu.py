@@ -23,6 +23,7 @@ from support.mtp_batches import bshd_head_labels
 from verl_cpu.testing import build_tiny_gpt, causal_attention_mask
 
 from verl.utils.megatron_utils import patch_engine_mtp
+from verl_mtp.models.mcore.mcore_compat import let_mtp_layers_recompute
 from verl_mtp.models.mcore.mtp_log_probs import mtp_token_log_probs, score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLOutput, patch_postprocess_rl
 from verl_mtp.workers.config import MtpRLConfig
@@ -71,6 +72,7 @@ def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):
     with contextlib.redirect_stdout(None):  # verl's patch prints the model
         patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
     hook = patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
+    let_mtp_layers_recompute(model)  # as verl-mtp's engine does for every MTP model (megatron-core 0.18.0)
     if recompute:
         model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
         model.config.recompute_num_layers = 1
@@ -105,3 +107,23 @@ def test_full_recompute_through_the_mtp_block_changes_nothing(chunk):
     for name, want in plain_grads.items():
         assert want.abs().sum() > 0 or name.startswith("embedding.position"), name
         torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_an_mtp_padding_mask_under_full_recompute_is_refused_where_megatron_cannot_recompute_it():
+    """megatron-core 0.18.0's MTP layer passes ``padding_mask`` to a ``_checkpointed_forward`` that takes none.
+    ``let_mtp_layers_recompute`` lets ``None`` through (the test above) and refuses a real mask with the fix."""
+    import inspect
+
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer as Layer
+
+    if "padding_mask" not in inspect.signature(Layer.forward).parameters or (
+        "padding_mask" in inspect.signature(Layer._checkpointed_forward).parameters
+    ):
+        pytest.skip("this megatron-core recomputes MTP layers with a padding mask itself (only 0.18.0 cannot)")
+    model = build_tiny_gpt(1, vocab_size=48, seed=3)
+    let_mtp_layers_recompute(model)
+    let_mtp_layers_recompute(model)  # idempotent: one wrapper
+    layer = model.mtp.layers[0]
+    assert getattr(layer._checkpointed_forward, "without_padding_mask", False)
+    with pytest.raises(NotImplementedError, match="recompute_granularity"):
+        layer._checkpointed_forward(hidden_states=None, decoder_input=None, padding_mask=torch.ones(1, 4))

@@ -11,16 +11,21 @@ instead of branching on versions itself:
 - from 0.17 verl 0.9.1 computes the MTP cross-entropy through Megatron's ``process_mtp_loss`` and hands it the
   trainable output layer, so that loss would train the shared lm_head; on older versions verl detaches it. The
   ``detach`` and ``ce`` regimes promise the lm_head never learns from MTP, so :func:`keep_mtp_ce_off_lm_head`
-  gives ``process_mtp_loss`` a frozen view of the output layer on every version.
+  gives ``process_mtp_loss`` a frozen view of the output layer on every version;
+- 0.18.0's ``MultiTokenPredictionLayer.forward`` passes ``padding_mask`` to its own ``_checkpointed_forward``,
+  which has no such parameter, so full activation recompute of an MTP layer raises ``TypeError`` in every
+  regime (fixed in 0.19); :func:`let_mtp_layers_recompute` makes it work there.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
 import verl.models.mcore.mtp_patch as verl_mtp_patch
 
-__all__ = ["mtp_inner_layer", "adapt_mbridge_mtp_names", "keep_mtp_ce_off_lm_head"]
+__all__ = ["mtp_inner_layer", "adapt_mbridge_mtp_names", "keep_mtp_ce_off_lm_head", "let_mtp_layers_recompute"]
 
 _INNER_LAYER_NAMES = ("mtp_model_layer", "transformer_layer")  # 0.17+, then <= 0.16
 _FROZEN_FOR_MTP_CE = "_verl_mtp_frozen_for_mtp_ce"
@@ -98,3 +103,38 @@ def keep_mtp_ce_off_lm_head(model: torch.nn.Module) -> None:
     original = getattr(verl_mtp_patch, "_process_mtp_loss", None)
     if original is not None and not hasattr(original, "wrapped"):
         verl_mtp_patch._process_mtp_loss = _process_mtp_loss_with_frozen_lm_head(original)
+
+
+def _recompute_without_padding_mask(checkpointed_forward):
+    def recompute(*args, padding_mask=None, **kwargs):
+        if padding_mask is not None:
+            raise NotImplementedError(
+                "megatron-core 0.18.0 cannot recompute an MTP layer with a padding mask (its "
+                "MultiTokenPredictionLayer._checkpointed_forward takes none; verl passes one with dynamic context "
+                "parallelism). Use megatron-core 0.19+, or turn full recompute off "
+                "(actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity)."
+            )
+        return checkpointed_forward(*args, **kwargs)
+
+    recompute.without_padding_mask = True
+    return recompute
+
+
+def let_mtp_layers_recompute(model: torch.nn.Module) -> None:
+    """Let the MTP layers of ``model`` run under full activation recompute on megatron-core 0.18.0.
+
+    There ``forward`` hands ``_checkpointed_forward`` a ``padding_mask`` it does not accept. Per layer, the call
+    goes on without it when it is ``None`` (verl passes one only with dynamic context parallelism), which is
+    exactly what the layer computes without recompute; a real mask is refused with the fix. Other versions
+    are left as they are. Idempotent.
+    """
+    gpt = verl_mtp_patch._get_patching_model(model)
+    for layer in getattr(getattr(gpt, "mtp", None), "layers", ()):
+        cls = type(layer)
+        if "padding_mask" not in inspect.signature(cls.forward).parameters:
+            continue
+        if "padding_mask" in inspect.signature(cls._checkpointed_forward).parameters:
+            continue
+        if getattr(layer._checkpointed_forward, "without_padding_mask", False):
+            continue
+        layer._checkpointed_forward = _recompute_without_padding_mask(layer._checkpointed_forward)

@@ -29,7 +29,11 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.utils.megatron_utils import unwrap_model
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
-from verl_mtp.models.mcore.mcore_compat import adapt_mbridge_mtp_names, keep_mtp_ce_off_lm_head
+from verl_mtp.models.mcore.mcore_compat import (
+    adapt_mbridge_mtp_names,
+    keep_mtp_ce_off_lm_head,
+    let_mtp_layers_recompute,
+)
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
 from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
@@ -60,6 +64,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         if isinstance(self.model_config.mtp, MtpRLConfig):
             for chunk in self.module:
                 check_megatron_mtp_settings(self.model_config.mtp, unwrap_model(chunk).config)
+        if self.model_config.mtp.enable:
+            for chunk in self.module:
+                let_mtp_layers_recompute(chunk)
         if self.mtp_rl:
             mtp = self.model_config.mtp
             self.occ_state = OCCState(mtp.occ)
