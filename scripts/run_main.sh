@@ -8,7 +8,8 @@
 #   bash scripts/run_main.sh --mtp-layers 2 -- actor_rollout_ref.actor.optim.lr=5e-4
 #
 # Environment: MODE (rl_occ), ALGO (dapo), STEPS (launcher default), WORKDIR (runs/<algo>_<mode>),
-# PREP_DIR (runs/prep: tiny model, data and SFT warm-up, built once and shared by all runs), SEED (0).
+# PREP_DIR (runs/prep: tiny model, data and SFT warm-up, built once and shared by all runs), SEED (0),
+# VERL_MTP_MCORE (megatron-core version, see scripts/setup_env.sh).
 # Arguments go to `python -m verl_mtp_example.launch` (see its --help), which checks every switch before
 # anything starts; after `--`, Hydra overrides for the trainer. Sets up .venv first (scripts/setup_env.sh;
 # a no-op when up to date).
@@ -35,6 +36,10 @@ fi
 # The launcher gives the SFT and trainer processes the CPU platform's environment (verl_cpu.environment);
 # PYTHONWARNINGS keeps the terminal to the launcher's lines (verl's full output goes to <workdir>/train.log).
 export PYTHONWARNINGS=ignore
+overlay="$(bash scripts/venv_path.sh --overlay)"  # another megatron-core version (VERL_MTP_MCORE), or empty
+if [[ -n "$overlay" ]]; then
+    export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
+fi
 rc=0
 .venv/bin/python -m verl_mtp_example.launch "${args[@]}" "$@" || rc=$?
 t2=$(date +%s)

@@ -9,7 +9,11 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 bash scripts/setup_env.sh
-venv="$(bash scripts/venv_path.sh)"  # .venv, or .venv-mcore-<version> with VERL_MTP_MCORE
+venv="$(bash scripts/venv_path.sh)"
+overlay="$(bash scripts/venv_path.sh --overlay)"  # another megatron-core version (VERL_MTP_MCORE), or empty
+if [[ -n "$overlay" ]]; then
+    export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"  # inherited by every process the tests start
+fi
 
 echo "[run_tests] $venv/bin/python -m pytest tests -q $*" >&2
 rc=0

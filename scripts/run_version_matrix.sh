@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` and CI run):
-# not part of `.ci/run` yet; run by hand. For each version, set up its own virtualenv (.venv-mcore-<version>, cached by its stamp) and run the
-# unit and multi-process tests on it; the e2e trainer tests (tests/e2e) also run on verl's pin.
+# The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` runs); `.ci/run`
+# runs it after the default suite. For each version: install it over the one virtualenv (.venv/mcore-<version>,
+# cached, see scripts/setup_env.sh) and run the unit and multi-process tests on it; the e2e trainer tests
+# (tests/e2e) also run on verl's pin.
 #   VERL_MTP_MATRIX      versions to run (default: the tested ones other than the default, see venv_path.sh)
 #   VERL_MTP_E2E_MCORE   versions whose leg includes tests/e2e (default: 0.18.0, verl 0.9.x's pin)
 # Prints one line per leg (set-up time, test time, pytest's summary); exits non-zero if any leg fails.
@@ -12,7 +13,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 summary=()
 failed=0
-default_mcore="$(env -u VERL_MTP_MCORE bash scripts/venv_path.sh --mcore)"
+default_mcore="$(bash scripts/venv_path.sh --default-mcore)"
 tested="0.16.1 0.18.0 0.19.2"
 for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
     log="$(mktemp)"
