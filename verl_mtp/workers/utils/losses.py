@@ -156,9 +156,9 @@ def mtp_policy_loss(
 
     ``coefficients`` (``[K]``, the gradient estimator's lambdas) replace OCC's proxy; ``only_head`` keeps just
     that head's policy term at coefficient 1 (no head cross-entropy): the MTP loss the gradient estimator
-    differentiates. Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it is called
-    first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own ``pg_loss``
-    over micro-batches (SUM when the losses are normalised globally).
+    differentiates. Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it
+    is called first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own
+    ``pg_loss`` over micro-batches (SUM when the losses are normalised globally).
     """
     num_heads = _num_heads(model_output)
     with_ce = mtp_config.detached_head_ce_coef > 0 and only_head is None
