@@ -142,7 +142,7 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
             self._mtp_coefficients = None
         if "metrics" in output:
             for name, metric in gradient_occ_metrics(stats, lam, nonfinite).items():
-                output["metrics"][name] = [metric]
+                output["metrics"][name] = metric  # one per update, as verl merges micro-batch Metrics
         return output
 
     def _gradient_occ(self, data, loss_function):
