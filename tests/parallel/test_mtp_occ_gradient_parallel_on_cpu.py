@@ -93,7 +93,7 @@ def _finalize_like_megatron(model) -> None:
             dist.all_reduce(emb.grad, group=parallel_state.get_embedding_group())
 
 
-def _estimate(model, hook, cfg, backward_one, exclude=()) -> dict:
+def _estimate(model, cfg, backward_one, exclude=()) -> dict:
     """The estimator on this rank: one backward per loss, a snapshot of g_RL, the products per head."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for p in shared_trunk_parameters([model], cfg["train_lm_head"]) if names[id(p)] not in exclude]
@@ -121,7 +121,7 @@ def _tp_rank(info, params_path, configs):
         def backward_one(which, model=model, hook=hook):
             loss_of(score(hook, forward_stage(model, batch), batch), batch, which).backward()
 
-        results[config_id(cfg)] = _estimate(model, hook, cfg, backward_one)
+        results[config_id(cfg)] = _estimate(model, cfg, backward_one)
     return results
 
 
@@ -159,7 +159,7 @@ def _pp_rank(info, params_path, configs):
         def backward_one(which, model=model, hook=hook):
             _pp_backward(model, hook, batch, which)
 
-        results[config_id(cfg)] = _estimate(model, hook, cfg, backward_one, exclude={POS_EMB})
+        results[config_id(cfg)] = _estimate(model, cfg, backward_one, exclude={POS_EMB})
     return results
 
 
