@@ -11,7 +11,10 @@ Memory is the peak of live tensor bytes during a step, tracked exactly at the op
 operator allocates counts until it is freed), so it does not depend on the allocator or on other processes.
 
 Printed, one ratio per line: step time and peak tensor memory of each regime over ``detach`` at the same size,
-and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda).
+and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda). ``rl_occ_gradient`` is the exact
+estimator (``occ.estimator=gradient``): the passes the engine adds (the RL loss alone, then each head's
+unit-coefficient MTP loss alone, each forward + backward, the trunk-gradient inner products) before the step
+with the resulting lambda; its ratio over ``rl_occ`` is printed too.
 
     python -m benchmarks.mtp_actor_step                                   # CPU default sizes
     python -m benchmarks.mtp_actor_step --vocab 151936 --seq 4096 --hidden 1024 --layers 8
@@ -35,7 +38,7 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised")
+REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised", "rl_occ_gradient")
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -99,7 +102,9 @@ def patch_regime(model, regime: str, chunk: int, base_loss):
     mtp_cfg = MtpRLConfig(
         enable=True,
         mtp_loss_type="rl" if regime.startswith("rl") else regime,
-        occ=OCCConfig(enable=regime == "rl_occ"),
+        occ=OCCConfig(
+            enable=regime.startswith("rl_occ"), estimator="gradient" if regime == "rl_occ_gradient" else "proxy"
+        ),
         logprob_chunk_size=0 if regime == "rl_materialised" else chunk,
     )
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
@@ -108,7 +113,43 @@ def patch_regime(model, regime: str, chunk: int, base_loss):
         keep_mtp_ce_off_lm_head(model)
         return None, base_loss
     hook = patch_postprocess_rl(model, logprob_chunk_size=mtp_cfg.logprob_chunk_size)
+    if mtp_cfg.occ.estimator == "gradient":
+        return hook, GradientRegimeLoss(base_loss, mtp_cfg)
     return hook, with_mtp_policy_loss(base_loss, mtp_cfg, OCCState(mtp_cfg.occ))
+
+
+class GradientRegimeLoss:
+    """The losses of ``rl_occ_gradient``: one per estimator pass, then the full loss with the lambdas."""
+
+    def __init__(self, base_loss, mtp_cfg):
+        from verl_mtp.trainer.ppo.mtp_occ import OCCState
+        from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
+
+        self.base_loss, self.mtp_cfg, self.state = base_loss, mtp_cfg, OCCState(mtp_cfg.occ)
+        self.head_loss = partial(mtp_head_only_loss, base_loss, mtp_cfg)
+        self.full_loss = partial(with_mtp_policy_loss, base_loss, mtp_cfg, self.state)
+
+    def step(self, model, run_pass, num_heads: int) -> None:
+        """What the engine does on a gradient-estimator update, for one micro-batch."""
+        from verl_mtp.trainer.ppo.mtp_occ_gradient import (
+            GradientSnapshot,
+            gradient_occ,
+            head_products,
+            shared_trunk_parameters,
+        )
+
+        params = shared_trunk_parameters([model], self.mtp_cfg.train_lm_head)
+        model.zero_grad(set_to_none=True)
+        run_pass(self.base_loss)
+        rl, per_head = GradientSnapshot.take(params), []
+        for k in range(1, num_heads + 1):
+            model.zero_grad(set_to_none=True)
+            run_pass(self.head_loss(k))
+            per_head.append(head_products(rl, params))
+        occ = self.mtp_cfg.occ
+        lam, _ = gradient_occ(per_head).lambdas(occ.lambda_plus_gradient, occ.eps, occ.max_abs_lambda)
+        model.zero_grad(set_to_none=True)
+        run_pass(self.full_loss(lam))
 
 
 def build_regimes(args):
@@ -138,9 +179,8 @@ def make_step(args, model, hook, loss_fn, data):
     mask = causal_attention_mask(1, args.seq)
     offsets = data["input_ids"].offsets()
 
-    def step():
+    def run_pass(loss_fn):
         prepare_mtp_loss_tracker(args.heads)
-        model.zero_grad(set_to_none=True)
         logits = model(ids, pos, mask, labels=labels)
         # verl's main head: full logits, log-softmax, gather (fused kernels are off whenever MTP is on)
         log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
@@ -154,6 +194,13 @@ def make_step(args, model, hook, loss_fn, data):
             ))
         loss, _ = loss_fn(model_output=output, data=data)
         loss.backward()
+
+    def step():
+        if isinstance(loss_fn, GradientRegimeLoss):
+            loss_fn.step(model, run_pass, args.heads)
+        else:
+            model.zero_grad(set_to_none=True)
+            run_pass(loss_fn)
 
     return step
 
@@ -261,6 +308,9 @@ def main():
                 if name == "rl_occ" and occ_share:
                     line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
                 print(line, flush=True)
+            if "rl_occ" in times and "rl_occ_gradient" in times:
+                spread = RatioSpread.of(times["rl_occ_gradient"], times["rl_occ"])
+                print(f"vocab={vocab} seq={seq} rl_occ_gradient/rl_occ: step_time {spread}", flush=True)
 
 
 if __name__ == "__main__":

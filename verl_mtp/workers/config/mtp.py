@@ -27,6 +27,7 @@ from verl.workers.config import MtpConfig
 
 __all__ = [
     "OCC_SCOPES",
+    "OCC_ESTIMATORS",
     "MTP_REGIME_REGISTRY",
     "MtpRegime",
     "register_mtp_regime",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 OCC_SCOPES = ("micro_batch", "data_parallel")
+OCC_ESTIMATORS = ("proxy", "gradient")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,12 @@ class OCCConfig(BaseConfig):
         first mini-batch of a step, where log pi == log pi_old and the paper's lambda is 0) use the last
         informative lambda of that head instead (``initial_lambda`` before there is one).
     max_abs_lambda: clamp |lambda| to this bound; ``None`` means no bound.
+    estimator: ``proxy`` (the paper's OCC) or ``gradient``: the paper's "Full-model" calibration,
+        ``lambda_plus_gradient * <g_RL, g_MTP_k> / (||g_MTP_k||^2 + eps)`` from full trunk gradients, once per
+        mini-batch update, at the cost of K + 1 extra forward/backward passes.
+    lambda_plus_gradient: the gradient estimator's own scale (the paper calibrates each estimator separately).
+    diagnose_every: every N-th mini-batch update also computes the gradient estimator's statistics and logs
+        them next to the proxy's (0 = never).
     """
 
     enable: bool = False
@@ -105,8 +113,17 @@ class OCCConfig(BaseConfig):
     initial_lambda: float = 0.0
     uninformative_drl: float = 1e-6
     max_abs_lambda: Optional[float] = None
+    estimator: str = "proxy"
+    lambda_plus_gradient: float = 1.0
+    diagnose_every: int = 0
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether some update runs the gradient estimator (to calibrate or to diagnose)."""
+        return self.estimator == "gradient" or self.diagnose_every > 0
 
     def __post_init__(self):
+        self._check_estimator()
         if self.scope not in OCC_SCOPES:
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.occ.scope={self.scope!r} is unknown; choose one of {OCC_SCOPES}"
@@ -117,6 +134,23 @@ class OCCConfig(BaseConfig):
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.occ.max_abs_lambda must be > 0 or null, got {self.max_abs_lambda}"
             )
+
+    def _check_estimator(self) -> None:
+        prefix = "actor_rollout_ref.model.mtp.occ"
+        if self.estimator not in OCC_ESTIMATORS:
+            raise ValueError(f"{prefix}.estimator={self.estimator!r} is unknown; choose one of {OCC_ESTIMATORS}")
+        if self.estimator == "gradient" and not self.enable:
+            raise ValueError(
+                f"{prefix}.estimator=gradient needs {prefix}.enable=True (it calibrates OCC's lambda); set "
+                f"{prefix}.enable=True, or use {prefix}.diagnose_every=N to only log the gradient statistics."
+            )
+        if isinstance(self.diagnose_every, bool) or not isinstance(self.diagnose_every, int) or self.diagnose_every < 0:
+            raise ValueError(
+                f"{prefix}.diagnose_every must be an integer >= 0 (0 = off, N = every N-th mini-batch update), "
+                f"got {self.diagnose_every!r}"
+            )
+        if not self.lambda_plus_gradient > 0:
+            raise ValueError(f"{prefix}.lambda_plus_gradient must be > 0, got {self.lambda_plus_gradient}")
 
 
 @dataclass
@@ -147,9 +181,9 @@ class MtpRLConfig(MtpConfig):
             object.__setattr__(self, "occ", OCCConfig(**self.occ))
         regime = self.regime
         if regime is None:
-            if self.occ.enable:
+            if self.occ.enable or self.occ.diagnose_every:
                 raise ValueError(
-                    "actor_rollout_ref.model.mtp.occ.enable=True needs mtp_loss_type=rl "
+                    "actor_rollout_ref.model.mtp.occ.enable=True / occ.diagnose_every > 0 need mtp_loss_type=rl "
                     "(OCC calibrates the MTP policy loss)."
                 )
             return
@@ -182,6 +216,12 @@ class MtpRLConfig(MtpConfig):
             raise ValueError(
                 f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={regime.name}: OCC only calibrates "
                 "the rl regime; set mtp_loss_type=rl or occ.enable=False."
+            )
+        if self.occ.diagnose_every:
+            raise ValueError(
+                f"actor_rollout_ref.model.mtp.occ.diagnose_every={self.occ.diagnose_every} with mtp_loss_type="
+                f"{regime.name}: the diagnostics compare gradients of the rl regime's MTP policy loss; set "
+                "mtp_loss_type=rl or occ.diagnose_every=0."
             )
         if self.train_lm_head:
             raise ValueError(

@@ -26,10 +26,10 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import ActorConfig
 from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
-from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_statistics
+from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_lambda, occ_statistics
 from verl_mtp.workers.config.mtp import MtpRLConfig, check_distillation_settings
 
-__all__ = ["mtp_policy_loss", "with_mtp_policy_loss"]
+__all__ = ["mtp_policy_loss", "with_mtp_policy_loss", "mtp_head_only_loss"]
 
 
 @dataclass
@@ -92,14 +92,20 @@ def _head_coefficient(
     stats: OCCStatistics,
     dp_group,
     dtype: torch.dtype,
+    given: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head ``k``'s coefficient (0-d tensor) and whether it came from this micro-batch's own signal."""
+    """Head ``k``'s coefficient (0-d tensor) and whether it came from this micro-batch's own signal.
+
+    ``given`` (the gradient estimator's lambda, or 1 for its unit-coefficient pass) wins over OCC's proxy.
+    """
     occ = mtp_config.occ
+    device = stats.numerator.device
+    if given is not None:
+        return given.to(device), torch.ones((), dtype=torch.bool, device=device)
     if occ.enable:
         if occ.scope == "data_parallel" and dp_group is not None:
             stats = stats.all_reduce(dp_group)
         return occ_state.resolve(k, stats)
-    device = stats.numerator.device
     coef = torch.full((), mtp_config.mtp_loss_scaling_factor / num_heads, dtype=dtype, device=device)
     return coef, torch.ones((), dtype=torch.bool, device=device)
 
@@ -143,15 +149,20 @@ def mtp_policy_loss(
     data: TensorDict,
     dp_group=None,
     loss_aggregation: AggregationType = AggregationType.MEAN,
+    coefficients: torch.Tensor | None = None,
+    only_head: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Sum over heads of the coefficient-scaled policy loss on the MTP log-probs, with its metrics.
 
-    Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it is called
-    first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own ``pg_loss``
-    over micro-batches (SUM when the losses are normalised globally).
+    ``coefficients`` (``[K]``, the gradient estimator's lambdas) replace OCC's proxy; ``only_head`` keeps just
+    that head's policy term at coefficient 1 (no head cross-entropy): the MTP loss the gradient estimator
+    differentiates. Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it
+    is called first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own
+    ``pg_loss`` over micro-batches (SUM when the losses are normalised globally).
     """
     num_heads = _num_heads(model_output)
-    log_prob, heads = _pad_outputs(model_output, data, num_heads, mtp_config.detached_head_ce_coef > 0)
+    with_ce = mtp_config.detached_head_ce_coef > 0 and only_head is None
+    log_prob, heads = _pad_outputs(model_output, data, num_heads, with_ce)
     fields = ["response_mask", "old_log_probs", "advantages"] + [f for f in ("rollout_is_weights",) if f in data]
     batch = data.select(*fields).to_padded_tensor()
     batch["response_mask"] = batch["response_mask"].to(bool)
@@ -160,7 +171,12 @@ def mtp_policy_loss(
     total = log_prob.new_zeros(())
     scalars, other_metrics = {}, {}
     for k, head in enumerate(heads, start=1):
-        terms, head_scalars, head_metrics = term(k, head)
+        if only_head is not None and k != only_head:
+            continue
+        given = None if coefficients is None else coefficients[k - 1]
+        if only_head is not None:
+            given = torch.ones((), dtype=torch.float64)
+        terms, head_scalars, head_metrics = term(k, head, given)
         for loss_term in terms:
             total = total + loss_term
         scalars.update({f"actor/mtp_{k}/{name}": value for name, value in head_scalars.items()})
@@ -169,7 +185,7 @@ def mtp_policy_loss(
     return total, _metrics(_read_back(scalars), other_metrics, loss_aggregation)
 
 
-def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, k: int, head: _HeadOutputs):
+def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, k: int, head: _HeadOutputs, given):
     """Head ``k``'s loss terms (summed in this order), its scalar metrics (device tensors) and the policy
     loss's own metrics."""
     old_log_prob, advantages = batch["old_log_probs"], batch["advantages"]
@@ -179,7 +195,7 @@ def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_gro
     # non-finite head output never reaches the optimizer (it is counted in ``nonfinite_tokens``).
     mtp_log_prob = torch.where(mask, head.log_prob, old_log_prob.detach())
     stats = occ_statistics(log_prob, mtp_log_prob, old_log_prob, mask)
-    coef, informative = _head_coefficient(mtp_config, occ_state, k, num_heads, stats, dp_group, log_prob.dtype)
+    coef, informative = _head_coefficient(mtp_config, occ_state, k, num_heads, stats, dp_group, log_prob.dtype, given)
     coef = coef.to(advantages.dtype)
     policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
     pg_loss, policy_metrics = policy_loss_fn(
@@ -197,6 +213,8 @@ def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_gro
         terms.append(mtp_config.detached_head_ce_coef / num_heads * head_ce)
         scalars["head_ce_loss"] = head_ce
     scalars.update(_head_scalars(coef, informative, stats, head, mask, scored))
+    if given is not None and mtp_config.occ.enable:  # the proxy's lambda, next to the one used
+        scalars["occ_proxy_lambda"] = occ_lambda(stats, mtp_config.occ.lambda_plus, mtp_config.occ.eps)
     scalars["pg_loss"] = pg_loss
     metrics = {
         name.split("/")[-1]: Metric(value=value, aggregation=AggregationType.MEAN)
@@ -215,26 +233,52 @@ def _metrics(values: dict[str, float], other_metrics: dict, loss_aggregation: Ag
     return metrics
 
 
-def _loss_with_mtp(model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, occ_state):
+def _loss_with_mtp(
+    model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, occ_state, coefficients=None
+):
     loss, metrics = base_loss_fn(model_output=model_output, data=data, dp_group=dp_group)
     pg_metric = metrics.get("actor/pg_loss")
     aggregation = pg_metric.aggregation if isinstance(pg_metric, Metric) else AggregationType.MEAN
     mtp_loss, mtp_metrics = mtp_policy_loss(
-        base_loss_fn.keywords["config"], mtp_config, occ_state, model_output, data, dp_group, aggregation
+        base_loss_fn.keywords["config"], mtp_config, occ_state, model_output, data, dp_group, aggregation,
+        coefficients=coefficients,
     )
     metrics.update(mtp_metrics)
     return loss + mtp_loss, metrics
 
 
-def with_mtp_policy_loss(base_loss_fn, mtp_config: MtpRLConfig, occ_state: OCCState):
-    """Wrap verl's actor loss (``partial(ppo_loss, config=actor_config)`` or its distillation variant).
+def _head_only_loss(model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, head):
+    # verl's loss runs first only to fill the actor config's global normalisation for this micro-batch
+    base_loss_fn(model_output=model_output, data=data, dp_group=dp_group)
+    return mtp_policy_loss(
+        base_loss_fn.keywords["config"], mtp_config, None, model_output, data, dp_group, only_head=head
+    )
 
-    The actor config is read from the partial's ``config`` keyword, the form verl's worker installs.
-    """
+
+def _check_base_loss(base_loss_fn) -> None:
     if not isinstance(base_loss_fn, partial) or not isinstance(base_loss_fn.keywords.get("config"), ActorConfig):
         raise TypeError(
             "mtp_loss_type=rl needs the actor loss as functools.partial(loss, config=ActorConfig) (what verl's "
             f"ActorRolloutRefWorker installs); got {base_loss_fn!r}"
         )
+
+
+def mtp_head_only_loss(base_loss_fn, mtp_config: MtpRLConfig, head: int):
+    """Head ``head``'s MTP policy loss at coefficient 1 alone (no RL term): what the gradient estimator
+    differentiates to get ``g_MTP_k``. Same normalisation as the term it calibrates."""
+    _check_base_loss(base_loss_fn)
+    return partial(_head_only_loss, base_loss_fn=base_loss_fn, mtp_config=mtp_config, head=head)
+
+
+def with_mtp_policy_loss(base_loss_fn, mtp_config: MtpRLConfig, occ_state: OCCState, coefficients=None):
+    """Wrap verl's actor loss (``partial(ppo_loss, config=actor_config)`` or its distillation variant).
+
+    The actor config is read from the partial's ``config`` keyword, the form verl's worker installs.
+    ``coefficients`` (``[K]`` device tensor) are the gradient estimator's lambdas, used instead of OCC's proxy.
+    """
+    _check_base_loss(base_loss_fn)
     check_distillation_settings(mtp_config, base_loss_fn.keywords.get("distillation_config"))
-    return partial(_loss_with_mtp, base_loss_fn=base_loss_fn, mtp_config=mtp_config, occ_state=occ_state)
+    return partial(
+        _loss_with_mtp, base_loss_fn=base_loss_fn, mtp_config=mtp_config, occ_state=occ_state,
+        coefficients=coefficients,
+    )

@@ -11,7 +11,12 @@ verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it patches th
    main labels) under the main head's temperature, so verl unpacks the per-head log-probs exactly like the
    main ones (TP padding, context-parallel gather);
 3. shifts the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
-4. adds the OCC-scaled MTP policy term to verl's actor loss.
+4. adds the OCC-scaled MTP policy term to verl's actor loss;
+5. with ``occ.estimator=gradient`` (every update) or ``occ.diagnose_every=N`` (every N-th), runs the gradient
+   estimator (:mod:`verl_mtp.trainer.ppo.mtp_occ_gradient`) before the update: the mini-batch's forward/backward
+   once with the RL loss alone and once per head with that head's unit-coefficient MTP loss, through Megatron's
+   pipeline schedule like the update itself, then the update with the estimator's lambdas (``gradient``) or
+   the proxy's (diagnostics only).
 
 On every megatron-core version it keeps verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
 in ``rl``) off the lm_head, as verl does on 0.16, and lets verl's mbridge load MTP weights under 0.17+'s
@@ -39,9 +44,16 @@ from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
+from verl_mtp.trainer.ppo.mtp_occ_gradient import (
+    GradientSnapshot,
+    gradient_occ,
+    gradient_occ_metrics,
+    head_products,
+    shared_trunk_parameters,
+)
 from verl_mtp.workers.config.mtp import MtpRLConfig, check_megatron_mtp_settings
 from verl_mtp.workers.engine.registry import replace_engine
-from verl_mtp.workers.utils.losses import with_mtp_policy_loss
+from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
 
 __all__ = ["MegatronMTPEngineWithLMHead"]
 
@@ -52,6 +64,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
             model_config.mtp = model_config.mtp.with_regime_switches()
         super().__init__(model_config, *args, **kwargs)
         self.rl_postprocess: dict[torch.nn.Module, MTPRLPostprocess] = {}
+        self.mtp_updates = 0  # mini-batch updates so far (the gradient estimator's cadence)
+        self._mtp_loss_mode = None  # None: the full loss; "rl": the RL loss alone; k: head k's MTP loss alone
+        self._mtp_coefficients = None  # the gradient estimator's lambdas for the update in progress
 
     @property
     def mtp_rl(self) -> bool:
@@ -69,6 +84,7 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                 let_mtp_layers_recompute(chunk)
         if self.mtp_rl:
             mtp = self.model_config.mtp
+            self._check_gradient_estimator_layout()
             self.occ_state = OCCState(mtp.occ)
             for chunk in self.module:
                 self.rl_postprocess[chunk] = MTPRLPostprocess(
@@ -102,6 +118,59 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
                 "heads would see wrong tokens. Use dynamic_context_parallel=False with context_parallel_size > 1 "
                 "(supported), or mtp_loss_type=detach. See docs/mtp_rl.md."
             )
+
+    def _check_gradient_estimator_layout(self):
+        """The estimator reads whole DP-averaged gradients; the distributed optimizer keeps only a shard of them."""
+        occ = self.model_config.mtp.occ
+        if occ.needs_gradients and self.engine_config.use_distributed_optimizer and self.get_data_parallel_size() > 1:
+            raise ValueError(
+                "actor_rollout_ref.model.mtp.occ.estimator=gradient / occ.diagnose_every > 0 read whole "
+                "data-parallel-averaged gradients, which Megatron's distributed optimizer shards over the "
+                f"{self.get_data_parallel_size()} data-parallel ranks: set "
+                "actor_rollout_ref.actor.megatron.use_distributed_optimizer=False, or use occ.estimator=proxy "
+                "with occ.diagnose_every=0."
+            )
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        """verl's, preceded on the gradient estimator's updates by its passes (see the module docstring)."""
+        if forward_only or loss_function is None or not self.mtp_rl:
+            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        occ = self.model_config.mtp.occ
+        self.mtp_updates += 1
+        diagnose = occ.diagnose_every > 0 and self.mtp_updates % occ.diagnose_every == 0
+        if occ.estimator != "gradient" and not diagnose:
+            return super().forward_backward_batch(data, loss_function)
+        stats = self._gradient_occ(data, loss_function)
+        lam, nonfinite = stats.lambdas(occ.lambda_plus_gradient, occ.eps, occ.max_abs_lambda)
+        self._mtp_coefficients = lam if occ.estimator == "gradient" else None
+        try:
+            output = super().forward_backward_batch(data, loss_function)
+        finally:
+            self._mtp_coefficients = None
+        if "metrics" in output:
+            for name, metric in gradient_occ_metrics(stats, lam, nonfinite).items():
+                output["metrics"][name] = metric  # one per update, as verl merges micro-batch Metrics
+        return output
+
+    def _gradient_occ(self, data, loss_function):
+        """The gradient estimator's statistics for this mini-batch; leaves the gradients zeroed."""
+        mtp = self.model_config.mtp
+        params = shared_trunk_parameters([unwrap_model(chunk) for chunk in self.module], mtp.train_lm_head)
+        per_head = []
+        try:
+            self._mtp_loss_mode = "rl"
+            self.optimizer_zero_grad()
+            super().forward_backward_batch(data, loss_function)
+            rl = GradientSnapshot.take(params)
+            for k in range(1, self.tf_config.mtp_num_layers + 1):
+                self._mtp_loss_mode = k
+                self.optimizer_zero_grad()
+                super().forward_backward_batch(data, loss_function)
+                per_head.append(head_products(rl, params))
+        finally:
+            self._mtp_loss_mode = None
+            self.optimizer_zero_grad()
+        return gradient_occ(per_head)
 
     def _pop_mtp_output(self):
         """The postprocess that ran the heads in this micro-batch's forward and its output, else ``(None, None)``.
@@ -166,10 +235,19 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
 
     def postprocess_micro_batch_func(self, output, data, forward_only: bool, loss_function, local_cp_size=None):
         if self.mtp_rl and loss_function is not None and not forward_only:
-            loss_function = with_mtp_policy_loss(loss_function, self.model_config.mtp, self.occ_state)
+            loss_function = self._mtp_loss(loss_function)
         return super().postprocess_micro_batch_func(
             output, data, forward_only=forward_only, loss_function=loss_function, local_cp_size=local_cp_size
         )
+
+    def _mtp_loss(self, loss_function):
+        """verl's actor loss as the current pass needs it (see ``_mtp_loss_mode``)."""
+        mode, mtp = self._mtp_loss_mode, self.model_config.mtp
+        if mode == "rl":
+            return loss_function
+        if mode is not None:
+            return mtp_head_only_loss(loss_function, mtp, mode)
+        return with_mtp_policy_loss(loss_function, mtp, self.occ_state, self._mtp_coefficients)
 
 
 replace_engine(MegatronEngineWithLMHead, MegatronMTPEngineWithLMHead)
