@@ -15,6 +15,8 @@
 * **MoE** (4 experts, top-2, ungrouped, local spec; the MTP layers are MoE too, as in GLM-4.5): per-head
   log-probs and every gradient equal a by-hand computation of the heads (expert parallel 1 here; 2 in
   ``tests/parallel/test_mtp_moe_expert_parallel_on_cpu.py``).
+* **verl's own MTP settings with ours**: ``enable_train`` / ``detach_encoder`` given against ``rl`` and
+  Megatron's ``mtp_loss_scaling_factor``: the rl gradients are the policy term's alone, as documented.
 
 TransformerEngine names that megatron-core 0.16.1 reads even without TE are answered as TE answers with FP8
 off (``support.transformer_engine_off``).
@@ -178,3 +180,29 @@ def test_moe_head_log_probs_and_grads_equal_naive(path):
     for name, g in want["grads"].items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert want["grads"]["mtp.layers.1.transformer_layer.mlp.router.weight"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- verl's MTP settings with rl
+@pytest.mark.parametrize("path", CHUNKS)
+def test_verl_mtp_settings_reach_megatron_as_the_rl_regime_documents(path):
+    """verl's ``enable_train`` / ``detach_encoder`` given against the regime and Megatron's own
+    ``mtp_loss_scaling_factor`` (what verl writes into the TransformerConfig): ``rl`` still runs the heads on
+    the undetached trunk, Megatron's MTP cross-entropy is never added (its tracker stays 0) and the gradients
+    are those of the policy term alone, whatever Megatron's factor."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from verl_cpu.testing import MTP_LOSS_TRACKER_KEY
+
+    cfg = MtpRLConfig(enable=True, enable_train=False, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3,
+                      train_lm_head=True, logprob_chunk_size=CHUNKS[path])
+    switched = cfg.with_regime_switches()
+    assert switched.enable_train and not switched.detach_encoder
+    want = fp32_reference(CHUNKS[path])
+    for factor in (0.3, 5.0):
+        model = build_tiny_gpt(K, seed=MODEL_SEED, config_overrides=dict(mtp_loss_scaling_factor=factor), **MODEL_KW)
+        MTPLossLoggingHelper.tracker[MTP_LOSS_TRACKER_KEY].zero_()
+        got = reference_run(model, apply_rl(model, cfg.logprob_chunk_size, cfg.train_lm_head), make_batch())
+        assert not MTPLossLoggingHelper.tracker[MTP_LOSS_TRACKER_KEY].any()
+        for name, g in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(ValueError, match="detach_encoder"):
+        MtpRLConfig(enable=True, mtp_loss_type="rl", detach_encoder=True)
