@@ -202,11 +202,12 @@ def _current_parallel_sizes() -> tuple[int, int, int]:
     )
 
 
-def _layer_spec(packed_attention: bool):
-    """Megatron's local layer spec; with ``packed_attention`` its core attention is the platform's
-    :class:`~verl_cpu.attention.CPUCoreAttention`, which honours packed (THD) ``cu_seqlens``, verl's ``[b, s]``
-    padding masks and context parallelism over the zig-zag split."""
-    spec = get_gpt_layer_local_spec()
+def _layer_spec(packed_attention: bool, moe_experts: int = 0):
+    """Megatron's local layer spec (its MoE variant with ``moe_experts``, ungrouped experts); with
+    ``packed_attention`` its core attention is the platform's :class:`~verl_cpu.attention.CPUCoreAttention`,
+    which honours packed (THD) ``cu_seqlens``, verl's ``[b, s]`` padding masks and context parallelism over the
+    zig-zag split."""
+    spec = get_gpt_layer_local_spec(num_experts=moe_experts or None, moe_grouped_gemm=False)
     if packed_attention:
         spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
     return spec
@@ -223,6 +224,8 @@ def build_tiny_gpt(
     seed: int = 0,
     packed_attention: bool = False,
     sequence_parallel: bool = False,
+    moe_experts: int = 0,
+    config_overrides: Optional[dict] = None,
 ) -> GPTModel:
     """Build a real fp32 ``GPTModel`` on CPU with ``mtp_num_layers`` real MTP layers (0 = no MTP).
 
@@ -237,20 +240,31 @@ def build_tiny_gpt(
     config takes megatron's current TP / PP / CP sizes and this rank builds its own shard and pipeline stage
     (the MTP block only where ``get_gpt_mtp_block_spec`` places it, the last stage). ``sequence_parallel``
     needs TP > 1. Weights are *not* the shards of the same-seed TP = 1 model in general: copy them in.
+
+    ``moe_experts`` > 0 makes every MLP (the MTP layers' too) a Megatron ``MoELayer`` with that many
+    ungrouped experts (top-2 routing unless overridden), sharded over megatron's current expert-parallel group.
+    ``config_overrides`` sets further ``TransformerConfig`` fields (e.g. ``recompute_granularity``) before the
+    model is built, since Megatron reads most of them at construction.
     """
     if mtp_num_layers < 0:
         raise ValueError(f"mtp_num_layers must be >= 0, got {mtp_num_layers}")
     tp, pp, cp = _current_parallel_sizes()
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel=True needs tensor parallel size > 1")
-    config = TransformerConfig(
+    fields = dict(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
         mtp_num_layers=mtp_num_layers or None, use_cpu_initialization=True, params_dtype=torch.float32,
         hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, context_parallel_size=cp, sequence_parallel=sequence_parallel,
         pipeline_dtype=torch.float32 if pp > 1 else None,
     )
-    layer_spec = _layer_spec(packed_attention)
+    if moe_experts:
+        fields.update(
+            num_moe_experts=moe_experts, moe_router_topk=2, moe_grouped_gemm=False,
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        )
+    config = TransformerConfig(**{**fields, **(config_overrides or {})})
+    layer_spec = _layer_spec(packed_attention, moe_experts)
     mtp_block_spec = (
         get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False) if mtp_num_layers else None
     )
