@@ -58,13 +58,15 @@ def move_engine_registration(tree: Path, engine_module: str) -> None:
     anchor = "from .transformer_impl import MegatronEngine, MegatronEngineWithLMHead, MegatronEngineWithValueHead"
     leaf = engine_module.rsplit(".", 1)[1]
     line = f"{anchor}  # noqa: E402\n"
-    replace_once(init, line, f"{line}from .{leaf} import MegatronMTPEngineWithLMHead  # noqa: E402, F401 (registers it)\n")
+    registers = f"from .{leaf} import MegatronMTPEngineWithLMHead  # noqa: E402, F401  (registers the engine)\n"
+    replace_once(init, line, line + registers)
 
 
 def export_mtp_config(tree: Path) -> None:
     """``verl.workers.config`` exports the regime and OCC config (``MtpRLConfig``, ``OCCConfig``, ...)."""
     init = tree / "verl/workers/config/__init__.py"
-    replace_once(init, "from .model import *  # noqa: F401\n", "from .model import *  # noqa: F401\nfrom .mtp import *  # noqa: F401\n")
+    model = "from .model import *  # noqa: F401\n"
+    replace_once(init, model, model + "from .mtp import *  # noqa: F401\n")
     replace_once(init, "    + model.__all__\n", "    + model.__all__\n    + mtp.__all__\n")
 
 
@@ -99,6 +101,25 @@ def add_docs_section(tree: Path) -> bool:
     before = path.read_text().rstrip() + "\n\n" if existed else ""
     path.write_text(before + DOCS_SECTION.read_text())
     return existed
+
+
+def regenerate_reference_configs(tree: Path, run_python) -> list[str]:
+    """Rebuild verl's ``_generated_*.yaml`` as its ``scripts/generate_trainer_config.sh`` does (pre-commit
+    ``autogen-trainer-cfg`` checks them): the flattened config printed by ``scripts/print_cfg.py`` with the
+    arguments each file's header names, from ``actor_rollout_ref`` on, under the file's own header."""
+    regenerated = []
+    for path in sorted((tree / "verl/trainer/config").glob("_generated_*.yaml")):
+        text = path.read_text()
+        match = re.search(r"'python3 scripts/print_cfg\.py --cfg job ?([^']*)'", text)
+        if match is None:
+            raise AnchorError(f"{path}: header does not name the print_cfg.py arguments")
+        printed = run_python(["scripts/print_cfg.py", "--cfg", "job", *match.group(1).split()])
+        header, body = (re.search(r"^actor_rollout_ref", t, re.M) for t in (text, printed))
+        if header is None or body is None:
+            raise AnchorError(f"{path}: no actor_rollout_ref section in the file or in print_cfg.py's output")
+        path.write_text(text[: header.start()] + printed[body.start() :])
+        regenerated.append(str(path.relative_to(tree)))
+    return regenerated
 
 
 def apply_all(tree: Path, repo: Path, layout) -> dict[str, bool]:
