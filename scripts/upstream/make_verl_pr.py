@@ -141,8 +141,9 @@ def test_deps(python: str, cache: Path) -> Path:
         if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0:
             continue
         if not (target / module).exists():
-            subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), package],
-                           check=True)
+            subprocess.run(
+                [python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), package], check=True
+            )
     return target
 
 
@@ -188,14 +189,24 @@ def lint_new_files(tree: Path, python: str, cache: Path, new: list[str]) -> list
     """verl's pre-commit ruff hooks on the new Python files (``--fix``, then format); the findings left."""
     ruff = cache / "lint/bin/ruff"
     if not ruff.exists():
-        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache / "lint"), RUFF],
-                       check=True)
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache / "lint"), RUFF], check=True
+        )
     files = [f for f in new if f.endswith(".py")]
-    subprocess.run([str(ruff), "check", "--no-cache", "--fix", "--quiet", "--exit-zero", *files], cwd=tree, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(ruff), "check", "--no-cache", "--fix", "--quiet", "--exit-zero", *files],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
     subprocess.run([str(ruff), "format", "--no-cache", "--quiet", *files], cwd=tree, check=True)
-    left = subprocess.run([str(ruff), "check", "--no-cache", "--output-format", "concise", "--exit-zero", *files], cwd=tree,
-                          capture_output=True, text=True, check=True).stdout
+    left = subprocess.run(
+        [str(ruff), "check", "--no-cache", "--output-format", "concise", "--exit-zero", *files],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [line for line in left.splitlines() if re.match(r"\S+\.py:\d+:\d+: ", line)]
 
 
@@ -241,8 +252,11 @@ def main(argv=None) -> int:
     print(f"patched verl tree: {tree}\nwhole change: {args.out.resolve() / 'verl-mtp-rl.patch'}")
     print(f"new files: {len(new) + (0 if docs_existed else 1)}")
     print_diff_table(rows, generated)
-    print(f"ruff (verl's settings) findings left in new files after --fix and format: {len(findings)}",
-          *findings, sep="\n  ")
+    print(
+        f"ruff (verl's settings) findings left in new files after --fix and format: {len(findings)}",
+        *findings,
+        sep="\n  ",
+    )
     leftovers = [d for d in new if re.search(r"\bverl_(mtp|cpu)\b", (tree / d).read_text())]
     print("files still naming verl_mtp/verl_cpu (prose only; imports are blocked):", leftovers or "none")
 
