@@ -51,7 +51,7 @@ def _rank_entry(fn_ref: str, info: RankInfo, out_dir: str, args: tuple) -> None:
     except BaseException:
         with open(error_path, "w") as f:
             f.write(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None  # the traceback travels in the file
     finally:
         with contextlib.suppress(Exception):
             destroy_cpu_megatron()

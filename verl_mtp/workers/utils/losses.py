@@ -48,8 +48,8 @@ def _num_heads(model_output) -> int:
         k += 1
     if k == 0:
         raise RuntimeError(
-            "mtp_loss_type=rl but the model output carries no MTP log-probs: the actor engine is not "
-            "verl_mtp's (is the verl_mtp plugin loaded? see docs/mtp_rl.md)"
+            "mtp_loss_type=rl but the model output carries no MTP log-probs: the actor engine does not score "
+            "the MTP heads (is MegatronMTPEngineWithLMHead the registered Megatron engine? see docs/mtp_rl.md)"
         )
     return k
 
