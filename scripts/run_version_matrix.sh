@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` runs); `.ci/run`
 # runs it after the default suite. For each version: install it over the one virtualenv (.venv/mcore-<version>,
-# cached, see scripts/setup_env.sh) and run the unit and multi-process tests on it; the e2e trainer tests
-# (tests/e2e) also run on verl's pin.
+# cached, see scripts/setup_env.sh) and run on it every test that builds a Megatron-Core model: the unit and
+# multi-process tests, and the e2e trainer tests (tests/e2e) on verl's pin.
 #   VERL_MTP_MATRIX      versions to run (default: the tested ones other than the default, see venv_path.sh)
 #   VERL_MTP_E2E_MCORE   versions whose leg includes tests/e2e (default: 0.18.0, verl 0.9.x's pin)
 # Prints one line per leg (set-up time, test time, pytest's summary); exits non-zero if any leg fails.
@@ -13,6 +13,11 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 summary=()
 failed=0
+# Tests that build no Megatron-Core model, so the default run has proven them for every version: recipe
+# configs (Hydra composition only), the upstream-PR generator (verl's tree on the default venv) and the GPU
+# check's CPU mode (a subset of tests/models plus the benchmark, which the legs run anyway).
+VERSION_FREE_TESTS=(--ignore=tests/trainer/test_recipes_on_cpu.py --ignore=tests/upstream
+                    --ignore=tests/test_gpu_check_script_on_cpu.py)
 default_mcore="$(bash scripts/venv_path.sh --default-mcore)"
 tested="0.16.1 0.18.0 0.19.2"
 for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
@@ -22,9 +27,9 @@ for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
     rc=$?
     t1=$SECONDS
     if [[ $rc -eq 0 ]]; then
-        skip_e2e=(--ignore=tests/e2e)
-        [[ " ${VERL_MTP_E2E_MCORE:-0.18.0} " == *" $mcore "* ]] && skip_e2e=()
-        VERL_MTP_MCORE="$mcore" bash scripts/run_tests.sh "${skip_e2e[@]}" "$@" 2>&1 | tee "$log"
+        skip=("${VERSION_FREE_TESTS[@]}")
+        [[ " ${VERL_MTP_E2E_MCORE:-0.18.0} " == *" $mcore "* ]] || skip+=(--ignore=tests/e2e)
+        VERL_MTP_MCORE="$mcore" bash scripts/run_tests.sh "${skip[@]}" "$@" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
     fi
     t2=$SECONDS

@@ -26,15 +26,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_module
 from megatron.core import parallel_state
+from support.actor_config import DAPO, mtp_actor_config
 from support.mtp_parallel import MODEL_KW, MODEL_SEED, RANK_SEED, apply_rl, full_params, grads, load_tp_shards
 from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, make_actor_batch, run_cpu_ranks
 
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
 from verl.utils import torch_functional as verl_F
 from verl.utils import tensordict_utils as tu
-from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
@@ -54,18 +53,6 @@ def config_id(cfg) -> str:
     return f"{cfg[0]}-K{cfg[1]}"
 
 
-def actor_config():
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose(
-            config_name="mtp_ppo_megatron_trainer",
-            overrides=[
-                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
-                "actor_rollout_ref.actor.clip_ratio_low=0.2",
-                "actor_rollout_ref.actor.clip_ratio_high=0.28",
-                "actor_rollout_ref.actor.loss_agg_mode=token-mean",
-            ],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
 
 def actor_batch():
@@ -120,7 +107,7 @@ def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
         model, input_ids, {}, logits_processor=processor, logits_processor_args=args, pad_token_id=0,
         data_format=fmt, mtp_enable_train=True,
     )
-    loss_fn = partial(ppo_loss, config=actor_config())
+    loss_fn = partial(ppo_loss, config=mtp_actor_config(DAPO))
     scaled_loss, out = engine.postprocess_micro_batch_func(output, data, forward_only=False, loss_function=loss_fn)
     scaled_loss.backward()
     model_output = {k: [t.detach().clone() for t in v.unbind()] for k, v in out["model_output"].items()}

@@ -17,12 +17,11 @@ from functools import partial
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from support.actor_config import mtp_actor_config
 from verl_cpu.testing import init_cpu_megatron, make_actor_batch, nested_like, run_cpu_ranks
 
 import verl  # noqa: F401  (import verl before verl_mtp: verl's plugin loader imports verl_mtp's engine)
 from verl.utils import tensordict_utils as tu
-from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -44,13 +43,6 @@ LOSS_MODES = {
 CASES = [(mode, scope) for mode in LOSS_MODES for scope in ("data_parallel", "micro_batch")]
 
 
-def actor_config(mode):
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose(
-            config_name="mtp_ppo_megatron_trainer",
-            overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", *LOSS_MODES[mode]],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
 
 def full_batch():
@@ -96,7 +88,7 @@ def half(data, rank):
 
 def run_loss(mode, scope, data, outputs, dp_group=None):
     mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True, scope=scope))
-    loss_fn = with_mtp_policy_loss(partial(ppo_loss, config=actor_config(mode)), mtp_cfg, OCCState(mtp_cfg.occ))
+    loss_fn = with_mtp_policy_loss(partial(ppo_loss, config=mtp_actor_config(LOSS_MODES[mode])), mtp_cfg, OCCState(mtp_cfg.occ))
     return loss_fn(model_output=outputs, data=data, dp_group=dp_group)
 
 

@@ -16,14 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from support.actor_config import DAPO, mtp_actor_config
 from support.mtp_parallel import MODEL_KW, apply_rl
 from verl_cpu.testing import build_tiny_gpt, make_actor_batch
 
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
 from verl.utils import tensordict_utils as tu
 from verl.utils import torch_functional as verl_F
-from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.metric import Metric
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -42,18 +41,6 @@ K = 2
 PROMPTS, RESPONSES = [3, 6, 2, 5], [4, 5, 7, 2]
 
 
-def actor_config():
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose(
-            config_name="mtp_ppo_megatron_trainer",
-            overrides=[
-                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
-                "actor_rollout_ref.actor.clip_ratio_low=0.2",
-                "actor_rollout_ref.actor.clip_ratio_high=0.28",
-                "actor_rollout_ref.actor.loss_agg_mode=token-mean",
-            ],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
 
 def actor_batch():
@@ -82,7 +69,7 @@ class MicroBatch:
         engine.occ_state = OCCState(mtp.occ)
         engine.rl_postprocess = {hook.model: hook}
         engine._mtp_loss_mode, engine._mtp_coefficients = None, None
-        self.engine, self.base_loss = engine, partial(ppo_loss, config=actor_config())
+        self.engine, self.base_loss = engine, partial(ppo_loss, config=mtp_actor_config(DAPO))
 
     def loss(self, mode=None, coefficients=None):
         """``(loss, metrics)`` of the micro-batch with the engine in loss mode ``mode``."""

@@ -17,11 +17,10 @@ import traceback
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from support.actor_config import mtp_actor_config
 from verl_cpu.testing import make_actor_batch, nested_like
 
 import verl_mtp.workers.utils.losses as mtp_losses
-from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_ce_key, mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -63,13 +62,6 @@ class SyncCounter:
         return wrapped
 
 
-def actor_config():
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose(
-            config_name="mtp_ppo_megatron_trainer",
-            overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
 
 def unaligned_outputs(data, num_heads: int, with_ce: bool) -> dict:
@@ -100,7 +92,7 @@ SETTINGS = {
 @pytest.mark.parametrize("num_heads", [1, 3])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_one_micro_batch_stays_within_the_sync_budget(monkeypatch, setting, num_heads):
-    config = actor_config()
+    config = mtp_actor_config()
     mtp_config = MtpRLConfig(enable=True, mtp_loss_type="rl", **SETTINGS[setting])
     data = make_actor_batch([3, 5, 2, 4], [6, 4, 7, 5], seed=3)
     output = unaligned_outputs(data, num_heads, mtp_config.detached_head_ce_coef > 0)

@@ -4,11 +4,10 @@ from functools import partial
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from support.actor_config import mtp_actor_config
 from verl_cpu.testing import make_actor_batch, nested_like
 
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
-from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.metric import Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
@@ -31,13 +30,6 @@ GSPO = [
 ]
 
 
-def actor_config(overrides=()):
-    with initialize_config_module(config_module="verl_mtp.trainer.config", version_base=None):
-        cfg = compose(
-            config_name="mtp_ppo_megatron_trainer",
-            overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", *overrides],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
 
 
 def model_outputs(data, num_heads, seed=0, spread=0.2):
@@ -80,7 +72,7 @@ def padded(data, key):
 
 
 def test_coefficient_zero_equals_verl_ppo_loss_and_gradients():
-    config = actor_config(DAPO)
+    config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5, 2], [6, 4, 7])
     out, leaves = model_outputs(data, num_heads=2)
     base = partial(ppo_loss, config=config)
@@ -121,7 +113,7 @@ def independent_mtp_term(config, data, out, leaves, k, coef):
 @pytest.mark.parametrize("overrides", [DAPO, GSPO], ids=["dapo", "gspo"])
 @pytest.mark.parametrize("occ", [False, True], ids=["fixed", "occ"])
 def test_mtp_term_is_registered_policy_loss_with_scaled_advantages(overrides, occ):
-    config = actor_config(overrides)
+    config = mtp_actor_config(overrides)
     data = make_actor_batch([4, 2, 6, 3], [7, 9, 3, 5], seed=1)
     out, leaves = model_outputs(data, num_heads=2, seed=1)
     base = partial(ppo_loss, config=config)
@@ -146,7 +138,7 @@ def test_mtp_term_is_registered_policy_loss_with_scaled_advantages(overrides, oc
 
 
 def test_entropy_and_kl_terms_do_not_drop_the_mtp_term():
-    config = actor_config([*DAPO, "actor_rollout_ref.actor.entropy_coeff=0.01", "actor_rollout_ref.actor.use_kl_loss=True"])
+    config = mtp_actor_config([*DAPO, "actor_rollout_ref.actor.entropy_coeff=0.01", "actor_rollout_ref.actor.use_kl_loss=True"])
     data = make_actor_batch([3, 4], [5, 6], seed=2)
     data["ref_log_prob"] = data["old_log_probs"].clone()
     out, leaves = model_outputs(data, num_heads=1, seed=2)
@@ -162,7 +154,7 @@ def test_entropy_and_kl_terms_do_not_drop_the_mtp_term():
 
 
 def test_gradient_reaches_heads_only_on_valid_response_tokens():
-    config = actor_config(DAPO)
+    config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5], [6, 4], seed=3)
     out, leaves = model_outputs(data, num_heads=2, seed=3)
     mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=1.0)
@@ -185,7 +177,7 @@ def test_gradient_reaches_heads_only_on_valid_response_tokens():
 
 
 def test_nonfinite_head_log_probs_never_reach_the_gradient():
-    config = actor_config(DAPO)
+    config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5], [6, 4], seed=4)
     out, leaves = model_outputs(data, num_heads=1, seed=4)
     with torch.no_grad():
@@ -201,7 +193,7 @@ def test_nonfinite_head_log_probs_never_reach_the_gradient():
 
 
 def test_metrics_are_reported_per_head():
-    config = actor_config(DAPO)
+    config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5], [6, 4], seed=5)
     out, _ = model_outputs(data, num_heads=2, seed=5)
     mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
@@ -222,7 +214,7 @@ def test_wrapping_rejects_a_loss_without_actor_config():
 
 
 def test_detached_head_ce_term_is_added_with_the_main_normalisation():
-    config = actor_config(DAPO)
+    config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5, 4], [6, 4, 5], seed=6)
     out, leaves = model_outputs(data, num_heads=2, seed=6)
     n = data["input_ids"].values().shape[0]
