@@ -26,15 +26,15 @@ import pytest
 import torch
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from support.checkpoint_rng import cpu_checkpoint_rng
 from support.grad_accumulation_fusion import (
     cpu_gradient_accumulation_fusion,
     enable_gradient_accumulation_fusion,
     wrap_megatron_ddp,
 )
+from support.mtp_reference import apply_regime, mtp_only_loss_ce, naive_head_log_probs
 from support.mtp_parallel import K, MODEL_KW, MODEL_SEED, apply_rl, forward_backward, make_batch, reference_run
 from support.transformer_engine_off import transformer_engine_off
-from test_mtp_gpu_paths_on_cpu import cpu_checkpoint_rng
-from test_mtp_patch_on_cpu import apply_regime, mtp_only_loss_ce, naive_head_log_probs
 from verl_cpu.testing import build_tiny_gpt
 
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys

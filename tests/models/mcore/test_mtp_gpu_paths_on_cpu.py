@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import random as mcore_random
+from support.checkpoint_rng import cpu_checkpoint_rng
 from support.mtp_batches import bshd_head_labels
 from verl_cpu.testing import build_tiny_gpt, causal_attention_mask
 
@@ -56,14 +56,6 @@ def test_bf16_head_log_probs_are_computed_in_fp32(chunk, temperature):
     want = torch.log_softmax(logits, dim=-1).gather(-1, labels.t()[..., None]).squeeze(-1).t()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
-
-
-@contextlib.contextmanager
-def cpu_checkpoint_rng():
-    """Megatron's activation checkpoint saves and restores the CUDA RNG state; on CPU there is none to keep."""
-    with mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()), \
-            mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda *a, **k: None):
-        yield
 
 
 def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from support.mtp_batches import bshd_head_labels
+from support.mtp_reference import apply_regime, main_labels, mtp_only_loss_ce, naive_head_log_probs
 from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl.utils.megatron_utils import patch_engine_mtp
-from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head, mtp_inner_layer
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, head_labels, mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess, patch_postprocess_rl
@@ -27,28 +27,6 @@ VOCAB = 48
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
 
-def naive_head_log_probs(model, seq: torch.Tensor, temperature: float) -> dict[int, torch.Tensor]:
-    """For each depth k, log p_k(x[i+k+1] | position i) for i + k + 1 < len, computed by hand."""
-    s = seq.shape[0]
-    mask = causal_attention_mask(1, s)
-    ids, pos = seq.clone(), torch.arange(s)
-    h = model.decoder(hidden_states=model.embedding(input_ids=ids[None], position_ids=pos[None]), attention_mask=mask)
-    out = {}
-    for k in range(1, model.config.mtp_num_layers + 1):
-        ids = torch.cat([ids[1:], ids.new_zeros(1)])
-        pos = torch.cat([pos[1:], pos.new_zeros(1)])
-        layer = model.mtp.layers[k - 1]
-        e = layer.enorm(model.embedding(input_ids=ids[None], position_ids=pos[None]))
-        z, _ = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))
-        z, _ = mtp_inner_layer(layer)(hidden_states=z, attention_mask=mask)
-        h = layer.final_layernorm(z)
-        logits, _ = model.output_layer(h)
-        log_softmax = torch.log_softmax(logits[:, 0, :] / temperature, dim=-1)
-        n = max(s - k - 1, 0)
-        out[k] = log_softmax[torch.arange(n), seq[k + 1 : k + 1 + n]]
-    return out
-
-
 def rl_model(k, train_lm_head=False, chunk=0, **kw):
     model = build_tiny_gpt(k, vocab_size=VOCAB, **kw)
     cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
@@ -56,28 +34,10 @@ def rl_model(k, train_lm_head=False, chunk=0, **kw):
     return model
 
 
-def apply_regime(model, mtp_config):
-    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then ours (the RL
-    postprocess for ``rl``, the frozen lm_head for verl's MTP cross-entropy otherwise)."""
-    patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config.with_regime_switches()))
-    if mtp_config.is_rl:
-        patch_postprocess_rl(model, mtp_config.train_lm_head, mtp_config.logprob_chunk_size)
-    else:
-        keep_mtp_ce_off_lm_head(model)
-
-
 def pop_output(model):
     """The last output of the RL postprocess installed on ``model`` (it is the model's ``_postprocess``)."""
     assert isinstance(model._postprocess, MTPRLPostprocess)
     return model._postprocess.pop_output()
-
-
-def main_labels(ids, lengths):
-    """verl's label buffer: x[i+1] at slot i of each sequence (its last slot is never scored)."""
-    labels = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        labels[b, : n - 1] = ids[b, 1:n]
-    return labels
 
 
 def to_nested(t: torch.Tensor, starts, lengths):
@@ -202,17 +162,6 @@ def mtp_only_loss_rl(model, seqs):
         lp_key, valid_key, _ = mtp_output_keys(k)
         loss = loss - (aligned[lp_key].values() * aligned[valid_key].values()).sum()
     return loss
-
-
-def mtp_only_loss_ce(model, seqs):
-    """Megatron's MTP CE reaches the graph through MTPLossAutoScaler on the main hidden states: a zero-weighted
-    main loss isolates exactly the MTP gradient."""
-    ids = torch.stack(seqs)
-    b, s = ids.shape
-    prepare_mtp_loss_tracker(model.config.mtp_num_layers)
-    logits = model(ids, torch.arange(s).expand(b, s).contiguous(), causal_attention_mask(b, s),
-                   labels=main_labels(ids, [s] * b))
-    return (logits * 0).sum()
 
 
 _TRUNK_AND_HEADS = {"embedding": True, "decoder": True, "mtp": True, "output_layer": False}
