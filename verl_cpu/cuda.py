@@ -17,6 +17,7 @@ that the trainer's CPU plugin, the tests (:mod:`verl_cpu.testing`) and the bench
    ``torch.cuda.empty_cache``      no-op
    ``torch.cuda.memory_*``         0 (allocated/reserved/max_*), ``mem_get_info`` = host memory
    ``torch.cuda.get/set_rng_state`` CPU generator state
+   ``torch.cuda.current_stream``   torch's CPU stream (megatron-core 0.19's grad sync waits on it)
    ==============================  ============================================================
 
    ``torch.cuda.manual_seed(_all)`` are left alone (lazy no-ops on a CPU build), ``torch.cuda.is_available()``
@@ -58,6 +59,7 @@ _PATCHES = {
     "mem_get_info": _cpu.mem_get_info,
     "get_rng_state": _cpu.get_rng_state,
     "set_rng_state": _cpu.set_rng_state,
+    "current_stream": _cpu.current_stream,
 }
 _installed = False
 

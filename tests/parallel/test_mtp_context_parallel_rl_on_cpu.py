@@ -76,6 +76,7 @@ def bare_engine(hook: MTPRLPostprocess, mtp_cfg: MtpRLConfig, fmt: str) -> Megat
     engine.tf_config = None
     engine.occ_state = OCCState(mtp_cfg.occ)
     engine.rl_postprocess = {hook.model: hook}
+    engine._mtp_loss_mode, engine._mtp_coefficients = None, None  # the full loss, OCC's own lambda
     return engine
 
 
