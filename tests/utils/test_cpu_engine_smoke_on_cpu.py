@@ -8,10 +8,9 @@ cuda (after the CPU platform had loaded).
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
+from support.engine_smoke import run_engine_smoke
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,6 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
-def run_engine_smoke(model_dir, *overrides):
-    from verl_cpu.environment import cpu_child_env
-
-    # The smoke makes its own one-rank world; a rank inherited from this process would override it.
-    env = {k: v for k, v in cpu_child_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "verl_cpu.engine_smoke", "--model", model_dir, "--steps", "2",
-           "--config-module", "verl_mtp.trainer.config", "--config-name", "mtp_ppo_megatron_trainer", *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    return proc, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("remove_padding", [True, False], ids=["thd", "bshd"])

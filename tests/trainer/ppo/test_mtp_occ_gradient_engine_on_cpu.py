@@ -8,10 +8,9 @@
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
+from support.engine_smoke import run_engine_smoke
 
 GRAD_NAMES = ("occ_grad_c", "occ_grad_v2", "occ_grad_cos", "occ_grad_lambda", "occ_grad_nonfinite")
 
@@ -23,15 +22,6 @@ def tiny_mimo_dir(tmp_path_factory):
     return make_tiny_mimo(str(tmp_path_factory.mktemp("tiny_mimo")), num_mtp_layers=2)
 
 
-def run_engine_smoke(model_dir, *overrides):
-    """One ``verl_cpu.engine_smoke`` subprocess (its own one-rank gloo world) with verl-mtp's trainer config."""
-    from verl_cpu.environment import cpu_child_env
-
-    env = {k: v for k, v in cpu_child_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "verl_cpu.engine_smoke", "--model", model_dir, "--steps", "2",
-           "--config-module", "verl_mtp.trainer.config", "--config-name", "mtp_ppo_megatron_trainer", *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    return proc, proc.stdout + proc.stderr
 
 
 def metric_steps(out: str, key: str) -> list[list[float]]:
