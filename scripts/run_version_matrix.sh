@@ -33,7 +33,7 @@ for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
         rc=${PIPESTATUS[0]}
     fi
     t2=$SECONDS
-    result="$(grep -E '^=*.* (passed|failed|error)' "$log" | tail -1 | tr -d '=')"
+    result="$(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -1 | tr -d '=')"
     rm -f "$log"
     summary+=("[matrix] megatron-core $mcore: set-up $((t1 - t0))s, tests $((t2 - t1))s, rc $rc:${result:- no summary}")
     [[ $rc -eq 0 ]] || failed=1
