@@ -3,7 +3,10 @@
 * ``occ.estimator=gradient``: every update logs ``actor/mtp_k/occ_grad_*`` and the coefficient the update used
   (``actor/mtp_k/lambda``) is the estimator's ``occ_grad_lambda``, with the proxy's logged beside it.
 * ``occ.estimator=proxy`` with ``occ.diagnose_every=2``: the diagnostics appear on the 2nd update only, and the
-  coefficient stays the proxy's (no ``occ_proxy_lambda`` key: ``lambda`` is the proxy).
+  coefficient stays the proxy's (no ``occ_proxy_lambda`` key: ``lambda`` is the proxy), which the diagnostics'
+  ``occ_grad_proxy_lambda`` (computed from the logged OCC sums) reproduces.
+* a fixed coefficient (``occ.enable=False``) with diagnostics: ``lambda`` stays the fixed value and
+  ``occ_grad_proxy_lambda`` is the proxy of the same update, from its logged sums.
 """
 
 import math
@@ -59,6 +62,9 @@ def test_gradient_estimator_sets_the_coefficient_of_every_update(tiny_mimo_dir):
         for c_s, v_s, g_s in zip(c, v2, grad, strict=True):
             assert v_s[0] > 0 and g_s[0] == pytest.approx(0.5 * c_s[0] / (v_s[0] + 1e-8), rel=1e-4)
         assert len(metric_steps(out, f"actor/mtp_{k}/occ_proxy_lambda")) == 2
+        paired = metric_steps(out, f"actor/mtp_{k}/occ_grad_proxy_lambda")
+        for p_s, proxy_s in zip(paired, metric_steps(out, f"actor/mtp_{k}/occ_proxy_lambda"), strict=True):
+            assert p_s == [pytest.approx(sum(proxy_s) / len(proxy_s), rel=1e-5, abs=1e-9)]  # update's mean
 
 
 def test_diagnostics_appear_only_on_every_nth_update_and_keep_the_proxy(tiny_mimo_dir):
@@ -66,8 +72,24 @@ def test_diagnostics_appear_only_on_every_nth_update_and_keep_the_proxy(tiny_mim
     steps = out.split("[engine_smoke] step ")[1:]
     assert len(steps) == 2
     for k in (1, 2):
-        for name in GRAD_NAMES:
+        for name in (*GRAD_NAMES, "occ_grad_proxy_lambda"):
             key = f"actor/mtp_{k}/{name}:"
             assert key not in steps[0] and key in steps[1], (k, name)
         assert f"actor/mtp_{k}/occ_proxy_lambda" not in out
-        assert len(metric_steps(out, f"actor/mtp_{k}/lambda")) == 2
+        used = metric_steps(out, f"actor/mtp_{k}/lambda")
+        assert len(used) == 2 and any(x != 0 for x in used[1]), used  # the 2nd update's proxy is informative
+        mean_used = sum(used[1]) / len(used[1])  # verl reduces a Metric to its mean per update
+        assert metric_steps(out, f"actor/mtp_{k}/occ_grad_proxy_lambda") == [[pytest.approx(mean_used, rel=1e-5)]]
+
+
+def test_diagnostics_with_a_fixed_coefficient_pair_the_proxy_with_the_exact_lambda(tiny_mimo_dir):
+    out = smoke(tiny_mimo_dir, "enable=False", "diagnose_every=2")
+    for k in (1, 2):
+        fixed = metric_steps(out, f"actor/mtp_{k}/lambda")  # mtp_loss_scaling_factor 0.1 / K, every micro-batch
+        assert len(fixed) == 2 and all(x == pytest.approx(0.05) for step in fixed for x in step), fixed
+        cross = metric_steps(out, f"actor/mtp_{k}/occ_cross_sum")[1]
+        sq = metric_steps(out, f"actor/mtp_{k}/occ_dmtp_sq_sum")[1]
+        proxy = [c / (s + 1e-8) for c, s in zip(cross, sq, strict=True)]
+        mean_proxy = sum(proxy) / len(proxy)
+        assert metric_steps(out, f"actor/mtp_{k}/occ_grad_proxy_lambda") == [[pytest.approx(mean_proxy, rel=1e-6)]]
+        assert len(metric_steps(out, f"actor/mtp_{k}/occ_grad_lambda")) == 1

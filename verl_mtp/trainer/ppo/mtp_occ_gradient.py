@@ -16,6 +16,7 @@ the model-parallel (TP x PP) group. A non-finite ``c`` or ``v^2`` gives lambda 0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -33,6 +34,7 @@ __all__ = [
     "GradientOCC",
     "gradient_occ",
     "gradient_occ_metrics",
+    "proxy_lambda_metrics",
 ]
 
 
@@ -140,3 +142,29 @@ def gradient_occ_metrics(stats: GradientOCC, lam: torch.Tensor, nonfinite: torch
         for k, row in enumerate(values, start=1)
         for name, value in zip(names, row, strict=True)
     }
+
+
+def proxy_lambda_metrics(metrics: dict, num_heads: int, lambda_plus: float, eps: float) -> dict:
+    """Per-head ``actor/mtp_{k}/occ_grad_proxy_lambda``: the proxy's lambda of each micro-batch of this update,
+    from the OCC sums it already logged (host floats, no device access).
+
+    On a diagnosed update it pairs with ``occ_grad_lambda`` of the same tokens and weights, whatever coefficient
+    the update used (a fixed one, the proxy's, or the estimator's), so the two estimators can be compared
+    update by update; verl's step metric averages both over the step's diagnosed updates only.
+    """
+    out = {}
+    for k in range(1, num_heads + 1):
+        cross = metrics.get(f"actor/mtp_{k}/occ_cross_sum")
+        dmtp_sq = metrics.get(f"actor/mtp_{k}/occ_dmtp_sq_sum")
+        if cross is None or dmtp_sq is None:  # a pipeline stage without the output layer logs no loss metrics
+            continue
+        values = [lambda_plus * c / (s + eps) for c, s in zip(_values(cross), _values(dmtp_sq), strict=True)]
+        metric = Metric(aggregation=AggregationType.MEAN)
+        metric.extend([v if math.isfinite(v) else 0.0 for v in values])
+        out[f"actor/mtp_{k}/occ_grad_proxy_lambda"] = metric
+    return out
+
+
+def _values(metric) -> list[float]:
+    """The per-micro-batch values of a merged metric (a verl ``Metric`` or a plain list)."""
+    return list(metric.values if isinstance(metric, Metric) else metric)

@@ -49,6 +49,7 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
     gradient_occ,
     gradient_occ_metrics,
     head_products,
+    proxy_lambda_metrics,
     shared_trunk_parameters,
 )
 from verl_mtp.workers.config.mtp import MtpRLConfig, check_megatron_mtp_settings
@@ -148,8 +149,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         finally:
             self._mtp_coefficients = None
         if "metrics" in output:
-            for name, metric in gradient_occ_metrics(stats, lam, nonfinite).items():
-                output["metrics"][name] = metric  # one per update, as verl merges micro-batch Metrics
+            metrics = output["metrics"]
+            metrics.update(proxy_lambda_metrics(metrics, self.tf_config.mtp_num_layers, occ.lambda_plus, occ.eps))
+            metrics.update(gradient_occ_metrics(stats, lam, nonfinite))  # one per update, as verl merges them
         return output
 
     def _gradient_occ(self, data, loss_function):
