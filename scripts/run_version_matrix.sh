@@ -15,9 +15,10 @@ summary=()
 failed=0
 # Tests that build no Megatron-Core model, so the default run has proven them for every version: recipe
 # configs (Hydra composition only), the upstream-PR generator (verl's tree on the default venv) and the GPU
-# check's CPU mode (a subset of tests/models plus the benchmark, which the legs run anyway).
+# check's CPU mode (a subset of tests/models plus the benchmark, which the legs run anyway); and the regime
+# study's reduced run, whose trainer runs are the main job's, which tests/e2e proves on verl's pin.
 VERSION_FREE_TESTS=(--ignore=tests/trainer/test_recipes_on_cpu.py --ignore=tests/upstream
-                    --ignore=tests/test_gpu_check_script_on_cpu.py)
+                    --ignore=tests/test_gpu_check_script_on_cpu.py --ignore=tests/e2e/test_regime_study_on_cpu.py)
 default_mcore="$(bash scripts/venv_path.sh --default-mcore)"
 tested="0.16.1 0.18.0 0.19.2"
 for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do

@@ -1,0 +1,200 @@
+"""The regime study: every MTP regime over several seeds on the local example, then one table and three figures.
+
+::
+
+    python -m verl_mtp_example.study --out runs/study                 # 5 regimes x 3 seeds (about an hour here)
+    python -m verl_mtp_example.study --out runs/study --reduced       # detach + rl_occ, 1 seed, 2 steps (CI)
+    python -m verl_mtp_example.study --out runs/study --report-only   # table and figures of what has finished
+
+Each (regime, seed) is one launch of the main job (:mod:`.launch`) in ``<out>/<regime>/seed<s>``; the study is
+resumable: a finished run is kept, an interrupted one continues from its last checkpoint (``--save-freq``),
+and the settings are recorded in ``<out>/study.json`` so a second call with other settings is refused instead
+of mixing runs. All runs start from the same SFT warm-up (``--prep-dir``, built once): a seed changes the
+RL run (data order, rollout sampling, Megatron's seed), not the starting model, so regimes are compared from
+one start and the seed spread is the RL noise alone.
+
+The ``rl`` regimes log the exact-gradient diagnostics (``occ.diagnose_every``, docs/mtp_rl.md section 3) so
+the report can set ``c = <g_RL, g_MTP>`` and ``v^2 = ||g_MTP||^2`` over training, and the proxy's lambda
+against the exact one of the same updates. :mod:`.study_report` writes ``table.md``, ``results.json`` and
+the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from verl_mtp_example import study_report
+
+MTP = "actor_rollout_ref.model.mtp"
+
+
+def log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One column of the study: a launcher ``--mode`` and, for a fixed ``rl`` coefficient, its value."""
+
+    name: str
+    mode: str
+    coef: float | None = None
+
+    @property
+    def diagnosed(self) -> bool:
+        return self.mode in ("rl", "rl_occ")
+
+
+REGIMES = {r.name: r for r in (
+    Regime("detach", "detach"),
+    Regime("ce", "ce"),
+    Regime("rl_0.1", "rl", 0.1),
+    Regime("rl_1.0", "rl", 1.0),
+    Regime("rl_occ", "rl_occ"),
+)}
+
+
+@dataclass
+class StudySettings:
+    """What every run of the study shares; recorded in ``study.json``."""
+
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 16
+    batch: int = 16
+    n: int = 8
+    algo: str = "dapo"
+    diagnose_every: int = 2
+    sft_steps: int = 100
+    save_freq: int = 8
+
+    @classmethod
+    def reduced(cls) -> "StudySettings":
+        """The CI form: two regimes, one seed, two steps, a small batch; it only proves the pipeline runs."""
+        return cls(regimes=["detach", "rl_occ"], seeds=[0], steps=2, batch=8, n=4, sft_steps=40, save_freq=2)
+
+
+def run_dir(out: str, regime: str, seed: int) -> str:
+    return os.path.join(out, regime, f"seed{seed}")
+
+
+def is_finished(workdir: str, steps: int) -> bool:
+    """The launcher wrote a summary with exit code 0 and every step's metrics."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        summary = json.load(f)
+    return summary.get("exit_code") == 0 and len(summary.get("steps_logged", [])) >= steps
+
+
+def has_checkpoint(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, "checkpoints", "latest_checkpointed_iteration.txt"))
+
+
+def launcher_argv(settings: StudySettings, regime: Regime, seed: int, workdir: str, prep_dir: str) -> list[str]:
+    """The main job's switches for one run; the seed reaches the RL run only (see the module docstring)."""
+    argv = ["--mode", regime.mode, "--algo", settings.algo, "--steps", str(settings.steps), "--seed", "0",
+            "--batch", str(settings.batch), "--n", str(settings.n), "--sft-steps", str(settings.sft_steps),
+            "--save-freq", str(settings.save_freq), "--workdir", workdir, "--prep-dir", prep_dir]
+    if regime.coef is not None:
+        argv += ["--mtp-coef", str(regime.coef)]
+    if has_checkpoint(workdir):
+        argv.append("--resume")
+    overrides = [f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}",
+                 f"actor_rollout_ref.actor.megatron.seed={seed}"]
+    if regime.diagnosed and settings.diagnose_every:
+        overrides.append(f"{MTP}.occ.diagnose_every={settings.diagnose_every}")
+    return argv + ["--", *overrides]
+
+
+def check_settings(out: str, settings: StudySettings) -> None:
+    """Record the settings on the first call; refuse a later call whose settings differ (runs would mix)."""
+    path = os.path.join(out, "study.json")
+    mine = asdict(settings)
+    if os.path.isfile(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier != mine:
+            diff = {k: (earlier.get(k), v) for k, v in mine.items() if earlier.get(k) != v}
+            raise SystemExit(f"[study] error: {out} holds a study with other settings {diff} (earlier, now); "
+                             f"use another --out, or the same switches to continue it")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=2)
+
+
+def pending_runs(out: str, settings: StudySettings) -> list[tuple[Regime, int]]:
+    """The unfinished runs, seed-major, so an interrupted study has every regime at the same seeds."""
+    return [(REGIMES[name], seed) for seed in settings.seeds for name in settings.regimes
+            if not is_finished(run_dir(out, name, seed), settings.steps)]
+
+
+def run_all(out: str, settings: StudySettings, prep_dir: str) -> list[str]:
+    """Launch every pending run in turn (a failed one is reported and the study goes on); the failures."""
+    todo = pending_runs(out, settings)
+    total = len(settings.regimes) * len(settings.seeds)
+    log(f"{total - len(todo)}/{total} runs finished earlier, {len(todo)} to go -> {out}")
+    failed, t0 = [], time.time()
+    for i, (regime, seed) in enumerate(todo, start=1):
+        workdir = run_dir(out, regime.name, seed)
+        eta = "" if i == 1 else f", about {(time.time() - t0) / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left"
+        log(f"run {i}/{len(todo)}: {regime.name} seed {seed}{eta}")
+        cmd = [sys.executable, "-m", "verl_mtp_example.launch",
+               *launcher_argv(settings, regime, seed, workdir, prep_dir)]
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(f"{regime.name} seed {seed} (see {workdir}/train.log)")
+    log(f"runs done in {(time.time() - t0) / 60:.1f} min" + (f"; failed: {failed}" if failed else ""))
+    return failed
+
+
+def settings_from(args) -> StudySettings:
+    settings = StudySettings.reduced() if args.reduced else StudySettings()
+    for name in ("regimes", "seeds", "steps", "batch", "n", "algo", "diagnose_every"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    unknown = [r for r in settings.regimes if r not in REGIMES]
+    if unknown:
+        raise SystemExit(f"[study] error: --regimes {unknown} unknown; choose from {list(REGIMES)}")
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m verl_mtp_example.study", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/study", help="study directory (runs, table, figures)")
+    ap.add_argument("--prep-dir", default=None, help="model / data / SFT cache (default <out>/prep)")
+    ap.add_argument("--reduced", action="store_true", help="CI form: detach + rl_occ, one seed, two steps")
+    ap.add_argument("--report-only", action="store_true", help="no runs: table and figures of finished runs")
+    ap.add_argument("--regimes", nargs="+", default=None, help=f"subset of {list(REGIMES)}")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="prompts per step")
+    ap.add_argument("--n", type=int, default=None, help="samples per prompt")
+    ap.add_argument("--algo", choices=("dapo", "gspo"), default=None)
+    ap.add_argument("--diagnose-every", type=int, default=None, help="rl regimes: occ.diagnose_every")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    out = os.path.abspath(args.out)
+    check_settings(out, settings)
+    t0 = time.time()
+    failed = [] if args.report_only else run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
+    report = study_report.write_report(out, settings.regimes, settings.seeds, settings.steps,
+                                       seconds=None if args.report_only else time.time() - t0)
+    log(f"table {report['table']}, figures {', '.join(report['figures'])}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
