@@ -2,7 +2,7 @@
 
 Every directory is a pure function of the arguments in its name and is built under a temporary name and
 renamed when complete, so an interrupted preparation is rebuilt and a finished one is reused by every later
-run with the same settings (all regimes of ``scripts/run_all_regimes.sh`` share one).
+run with the same settings (all runs of the regime study, ``scripts/run_study.sh``, share one).
 """
 
 from __future__ import annotations

@@ -137,6 +137,33 @@ def pending_runs(out: str, settings: StudySettings) -> list[tuple[Regime, int]]:
             if not is_finished(run_dir(out, name, seed), settings.steps)]
 
 
+RAY_START_TIMEOUT = "The current node timed out during startup"  # Ray's fixed 30 s wait, hit under load
+START_ATTEMPTS = 3
+
+
+def ray_failed_to_start(workdir: str) -> bool:
+    """The last trainer launch died in ``ray.init``: worth another attempt, unlike any other failure."""
+    log_file = os.path.join(workdir, "train.log")
+    if not os.path.isfile(log_file):
+        return False
+    with open(log_file, errors="replace") as f:
+        last_launch = f.read().rpartition("===== verl PPO:")[2]  # the launcher's header of each trainer launch
+    return RAY_START_TIMEOUT in last_launch
+
+
+def launch_with_retries(settings: StudySettings, regime: Regime, seed: int, workdir: str, prep_dir: str) -> bool:
+    """One run through the launcher; relaunched (at most :data:`START_ATTEMPTS` in all) when Ray did not start."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        cmd = [sys.executable, "-m", "verl_mtp_example.launch",
+               *launcher_argv(settings, regime, seed, workdir, prep_dir)]
+        if subprocess.run(cmd).returncode == 0:
+            return True
+        if attempt == START_ATTEMPTS or not ray_failed_to_start(workdir):
+            return False
+        log(f"Ray did not start (machine overloaded): attempt {attempt + 1} of {START_ATTEMPTS}")
+    return False
+
+
 def run_all(out: str, settings: StudySettings, prep_dir: str) -> list[str]:
     """Launch every pending run in turn (a failed one is reported and the study goes on); the failures."""
     todo = pending_runs(out, settings)
@@ -147,9 +174,7 @@ def run_all(out: str, settings: StudySettings, prep_dir: str) -> list[str]:
         workdir = run_dir(out, regime.name, seed)
         eta = "" if i == 1 else f", about {(time.time() - t0) / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left"
         log(f"run {i}/{len(todo)}: {regime.name} seed {seed}{eta}")
-        cmd = [sys.executable, "-m", "verl_mtp_example.launch",
-               *launcher_argv(settings, regime, seed, workdir, prep_dir)]
-        if subprocess.run(cmd).returncode != 0:
+        if not launch_with_retries(settings, regime, seed, workdir, prep_dir):
             failed.append(f"{regime.name} seed {seed} (see {workdir}/train.log)")
     log(f"runs done in {(time.time() - t0) / 60:.1f} min" + (f"; failed: {failed}" if failed else ""))
     return failed

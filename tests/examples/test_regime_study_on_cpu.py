@@ -108,3 +108,13 @@ def test_spearman_uses_average_ranks_for_ties():
     expected = np.corrcoef(ranks_exact, np.arange(4.0))[0, 1]
     assert study_report.correlations(exact, proxy)["spearman"] == pytest.approx(expected)
     assert study_report.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["pearson"] is None
+
+
+def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
+    log = tmp_path / "train.log"
+    assert not study.ray_failed_to_start(str(tmp_path))
+    log.write_text(f"\n===== verl PPO: a\nException: {study.RAY_START_TIMEOUT}. This could happen ...\n")
+    assert study.ray_failed_to_start(str(tmp_path))
+    with open(log, "a") as f:
+        f.write("\n===== verl PPO: b\nValueError: something else\n")  # a resumed launch failing otherwise
+    assert not study.ray_failed_to_start(str(tmp_path))
