@@ -31,8 +31,10 @@ import verl_source
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 ISOLATION = HERE / "isolation"
+# verl's header for a contribution by individuals, as on its 2025 files (``Copyright 2025 Individual
+# Contributor: <name>``, the form verl's tests/special_sanity/check_license.py accepts) with the Apache text.
 LICENSE_HEADER = """\
-# Copyright 2026 Individual Contributor: the verl-mtp authors
+# Copyright 2025 Individual Contributor: the verl-mtp authors
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -160,7 +162,10 @@ import sys, verl
 from verl.workers.engine.base import EngineRegistry
 cls = EngineRegistry.get_engine_cls("language_model", "megatron")
 assert verl.__file__.startswith(sys.argv[1]), verl.__file__
-assert cls.__module__ == "verl.workers.engine.megatron.mtp_rl_transformer_impl", cls
+assert cls.__module__ == "verl.workers.engine.megatron.transformer_impl", cls
+assert cls.__qualname__ == "MegatronEngineWithLMHead" and hasattr(cls, "mtp_rl"), cls
+from verl.workers.config import MtpConfig
+assert MtpConfig(enable=True, mtp_loss_type="rl").is_rl
 assert not any(m.split(".")[0] in ("verl_mtp", "verl_cpu") for m in sys.modules), "local package imported"
 try:
     import verl_mtp
