@@ -201,6 +201,16 @@ def lint_new_files(tree: Path, python: str, cache: Path, new: list[str]) -> list
     return [line for line in left.splitlines() if re.match(r"\S+\.py:\d+:\d+: ", line)]
 
 
+def license_findings(tree: Path, new: list[str]) -> list[str] | None:
+    """New Python files without one of the headers verl's ``tests/special_sanity/check_license.py`` accepts
+    (its script needs a git checkout, so its header list is read instead); None when the tree lacks it."""
+    script = tree / "tests/special_sanity/check_license.py"
+    if not script.exists():
+        return None
+    heads = re.findall(r'^license_head_\w+ = "(.+)"$', script.read_text(), re.M)
+    return [f for f in new if f.endswith(".py") and not any(h in (tree / f).read_text() for h in heads)]
+
+
 def _python_output(python: str, tree: Path, env: dict, args: list[str]) -> str:
     return subprocess.run([python, *args], cwd=tree, env=env, capture_output=True, text=True, check=True).stdout
 
@@ -285,6 +295,11 @@ def main(argv=None) -> int:
         f"ruff (verl's settings) findings left in new files after --fix and format: {len(findings)}",
         *findings,
         sep="\n  ",
+    )
+    missing = license_findings(tree, new)
+    print(
+        "license headers (verl's check_license.py):",
+        "not in this tree" if missing is None else missing or "all present",
     )
     leftovers = [d for d in new if re.search(r"\bverl_(mtp|cpu)\b", (tree / d).read_text())]
     print("files still naming verl_mtp/verl_cpu (prose only; imports are blocked):", leftovers or "none")

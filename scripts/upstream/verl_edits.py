@@ -62,8 +62,11 @@ def _segment(lines: list[str], node: ast.AST) -> list[str]:
 
 def _calls_super(node: ast.stmt, name: str) -> bool:
     return any(
-        isinstance(n, ast.Attribute) and n.attr == name and isinstance(n.value, ast.Call)
-        and isinstance(n.value.func, ast.Name) and n.value.func.id == "super"
+        isinstance(n, ast.Attribute)
+        and n.attr == name
+        and isinstance(n.value, ast.Call)
+        and isinstance(n.value.func, ast.Name)
+        and n.value.func.id == "super"
         for n in ast.walk(node)
     )
 
@@ -80,11 +83,17 @@ def _split_around_super(method: ast.FunctionDef, lines: list[str]) -> tuple[list
         return pre, [], None
     last = body[-1]
     if (
-        isinstance(call, ast.Assign) and len(call.targets) == 1 and isinstance(call.targets[0], ast.Name)
-        and isinstance(last, ast.Return) and isinstance(last.value, ast.Name) and last.value.id == call.targets[0].id
+        isinstance(call, ast.Assign)
+        and len(call.targets) == 1
+        and isinstance(call.targets[0], ast.Name)
+        and isinstance(last, ast.Return)
+        and isinstance(last.value, ast.Name)
+        and last.value.id == call.targets[0].id
     ):
         return pre, [line for stmt in body[at + 1 : -1] for line in _segment(lines, stmt)], call.targets[0].id
-    raise AnchorError(f"{PRODUCT_ENGINE}: {method.name} must be `pre; return super()...` or `x = super()...; post; return x`")
+    raise AnchorError(
+        f"{PRODUCT_ENGINE}: {method.name} must be `pre; return super()...` or `x = super()...; post; return x`"
+    )
 
 
 def _body_start(method: ast.FunctionDef, lines: list[str]) -> int:
@@ -126,7 +135,9 @@ def add_engine_hooks(tree: Path, repo: Path, rewrite) -> None:
             post = [re.sub(rf"\b{result}\b", last.value.id, line) for line in post]
             inserts.append((last.lineno - 1, post))
     first = verl_cls.body[0]
-    inserts.append((min([first.lineno, *(d.lineno for d in getattr(first, "decorator_list", []))]) - 1, added[1:] + ["\n"]))
+    inserts.append(
+        (min([first.lineno, *(d.lineno for d in getattr(first, "decorator_list", []))]) - 1, added[1:] + ["\n"])
+    )
     inserts.append((_import_line(module), _product_imports(src_module, src_lines)))
     for index, new in sorted(inserts, key=lambda item: item[0], reverse=True):
         lines[index:index] = [rewrite(line) for line in new]
@@ -145,7 +156,9 @@ def _product_imports(module: ast.Module, lines: list[str]) -> list[str]:
 
 def _import_line(module: ast.Module) -> int:
     """0-based index after verl's last absolute ``from verl... import`` at the top of the module."""
-    last = [n for n in module.body if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("verl")]
+    last = [
+        n for n in module.body if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("verl")
+    ]
     if not last:
         raise AnchorError(f"{VERL_ENGINE}: no top-level `from verl... import`")
     return last[-1].end_lineno
@@ -189,7 +202,9 @@ def add_mtp_config_fields(tree: Path, repo: Path, rewrite) -> None:
     module = ast.parse("".join(lines))
     cls = _class(module, VERL_CONFIG_CLASS, path)
     doc = cls.body[0]
-    if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and lines[doc.end_lineno - 1].strip() == '"""'):
+    if not (
+        isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and lines[doc.end_lineno - 1].strip() == '"""'
+    ):
         raise AnchorError(f"{path}: {VERL_CONFIG_CLASS} has no docstring closing on its own line")
     fields_doc = ["\n", "    MTP-RL parameters (``mtp_loss_type``, ``occ``: see ``verl.workers.config.mtp``):\n"]
     fields_doc += _docstring_fields(src_cls)
