@@ -201,9 +201,10 @@ def _pop_mtp_output(engine):
     """The postprocess that ran the heads in this micro-batch's forward and its output, else ``(None, None)``.
 
     Only the chunk that holds the output layer (``post_process``) leaves an output, and its logits
-    processor runs before the next forward.
+    processor runs before the next forward. An engine made without ``__init__`` (as verl's own unit tests of
+    the logits processor make one) has installed none.
     """
-    for postprocess in engine.rl_postprocess.values():
+    for postprocess in getattr(engine, "rl_postprocess", {}).values():
         output = postprocess.pop_output()
         if output is not None:
             return postprocess, output
