@@ -1,4 +1,4 @@
-"""Shared pytest setup for verl_mtp tests.
+"""Shared pytest setup for the MTP-RL tests.
 
 * ``cpu_megatron``: session fixture that sets up gloo + megatron parallel state on CPU once
   (``verl_cpu.testing.init_cpu_megatron``) and tears it down at the end.

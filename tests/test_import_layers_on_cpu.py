@@ -98,8 +98,10 @@ def test_graph_sees_the_product_imports():
     """The graph is not vacuous: known edges of the engine and of the loss are in it."""
     edges, _ = product_graph()
     engine = "verl_mtp.workers.engine.megatron.transformer_impl"
+    hooks = "verl_mtp.workers.engine.megatron.mtp_engine_hooks"
+    assert {hooks, "verl_mtp.workers.engine.registry"} <= edges[engine]
     assert {"verl_mtp.workers.utils.losses", "verl_mtp.models.mcore.mtp_patch",
-            "verl_mtp.workers.engine.registry", "verl_mtp.workers.config.mtp"} <= edges[engine]
+            "verl_mtp.workers.config.mtp"} <= edges[hooks]
     assert "verl_mtp.trainer.ppo.mtp_occ" in edges["verl_mtp.workers.utils.losses"]
     assert edges["verl_mtp.plugin"] == {engine}
 

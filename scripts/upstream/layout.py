@@ -2,8 +2,9 @@
 
 The module list is read from the repository (every product module, every test of the MTP-RL path, the
 test-only helpers those tests import), never kept by hand: adding a module here adds it upstream. A product
-module whose verl path is already taken by one of verl's own files (``mtp_patch.py``, ``losses.py``,
-``transformer_impl.py``) is placed beside it as ``mtp_rl_<name>.py``.
+module whose verl path is already taken by one of verl's own files (``mtp_patch.py``, ``losses.py``) is placed
+beside it as ``mtp_rl_<name>.py``. The product's engine subclass and ``MtpRLConfig`` are not moved: their
+contents go into verl's own classes (:mod:`verl_edits`), so their names become verl's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ PRODUCT = "verl_mtp"
 PLATFORM = "verl_cpu"
 
 # The product's verl integration that the upstream form replaces by edits of verl's own files
-# (see verl_edits.py): the plugin, the registry swap, the own entry point and its Hydra config.
-NOT_UPSTREAM = ("plugin.py", "workers/engine/registry.py", "trainer/main_ppo.py", "trainer/config/")
+# (see verl_edits.py): the plugin, the engine subclass and its registry swap, the own entry point and its
+# Hydra config.
+ENGINE_SUBCLASS = "workers/engine/megatron/transformer_impl.py"
+NOT_UPSTREAM = ("plugin.py", "workers/engine/registry.py", ENGINE_SUBCLASS, "trainer/main_ppo.py", "trainer/config/")
+# Classes whose contents move into verl's own class: the product's name becomes verl's.
+CLASS_RENAMES = {"MtpRLConfig": "MtpConfig", "MegatronMTPEngineWithLMHead": "MegatronEngineWithLMHead"}
 
 # Test directories of the MTP-RL path (model, worker loss/config/engine, trainer OCC and config).
 TEST_DIRS = ("tests/models", "tests/trainer", "tests/workers")
@@ -58,6 +63,8 @@ class Layout:
             return name
 
         text = _DOTTED.sub(sub, text)
+        for old, new in CLASS_RENAMES.items():
+            text = re.sub(rf"\b{old}\b", new, text)
         for old, new in CONFIG_RENAMES.items():
             text = text.replace(old, new)
         return text
@@ -143,6 +150,8 @@ def helper_modules(repo: Path, tests: list[Path]) -> list[Path]:
 def build_layout(repo: Path, verl_root: Path) -> Layout:
     """Every file to place in ``verl_root`` and the module renames to apply to their text."""
     layout = Layout()
+    # the engine subclass's methods join verl's class in verl's module of the same path
+    layout.modules[_module_name(Path(PRODUCT, ENGINE_SUBCLASS))] = _module_name(Path("verl", ENGINE_SUBCLASS))
     for rel in product_modules(repo):
         target = _verl_path(rel, verl_root)
         layout.modules[_module_name(rel)] = _module_name(target)

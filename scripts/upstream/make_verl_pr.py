@@ -31,8 +31,10 @@ import verl_source
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 ISOLATION = HERE / "isolation"
+# verl's header for a contribution by individuals, as on its 2025 files (``Copyright 2025 Individual
+# Contributor: <name>``, the form verl's tests/special_sanity/check_license.py accepts) with the Apache text.
 LICENSE_HEADER = """\
-# Copyright 2026 Individual Contributor: the verl-mtp authors
+# Copyright 2025 Individual Contributor: the verl-mtp authors
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -160,7 +162,10 @@ import sys, verl
 from verl.workers.engine.base import EngineRegistry
 cls = EngineRegistry.get_engine_cls("language_model", "megatron")
 assert verl.__file__.startswith(sys.argv[1]), verl.__file__
-assert cls.__module__ == "verl.workers.engine.megatron.mtp_rl_transformer_impl", cls
+assert cls.__module__ == "verl.workers.engine.megatron.transformer_impl", cls
+assert cls.__qualname__ == "MegatronEngineWithLMHead" and hasattr(cls, "mtp_rl"), cls
+from verl.workers.config import MtpConfig
+assert MtpConfig(enable=True, mtp_loss_type="rl").is_rl
 assert not any(m.split(".")[0] in ("verl_mtp", "verl_cpu") for m in sys.modules), "local package imported"
 try:
     import verl_mtp
@@ -194,6 +199,16 @@ def lint_new_files(tree: Path, python: str, cache: Path, new: list[str]) -> list
         check=True,
     ).stdout
     return [line for line in left.splitlines() if re.match(r"\S+\.py:\d+:\d+: ", line)]
+
+
+def license_findings(tree: Path, new: list[str]) -> list[str] | None:
+    """New Python files without one of the headers verl's ``tests/special_sanity/check_license.py`` accepts
+    (its script needs a git checkout, so its header list is read instead); None when the tree lacks it."""
+    script = tree / "tests/special_sanity/check_license.py"
+    if not script.exists():
+        return None
+    heads = re.findall(r'^license_head_\w+ = "(.+)"$', script.read_text(), re.M)
+    return [f for f in new if f.endswith(".py") and not any(h in (tree / f).read_text() for h in heads)]
 
 
 def _python_output(python: str, tree: Path, env: dict, args: list[str]) -> str:
@@ -280,6 +295,11 @@ def main(argv=None) -> int:
         f"ruff (verl's settings) findings left in new files after --fix and format: {len(findings)}",
         *findings,
         sep="\n  ",
+    )
+    missing = license_findings(tree, new)
+    print(
+        "license headers (verl's check_license.py):",
+        "not in this tree" if missing is None else missing or "all present",
     )
     leftovers = [d for d in new if re.search(r"\bverl_(mtp|cpu)\b", (tree / d).read_text())]
     print("files still naming verl_mtp/verl_cpu (prose only; imports are blocked):", leftovers or "none")

@@ -1,4 +1,12 @@
-"""The integration, as anchored edits: of verl's own files, and of the moved engine module.
+"""The integration, as anchored edits of verl's own files, derived from the product's code.
+
+* The engine: every method of the product's engine subclass (each one call of ``mtp_engine_hooks`` around
+  verl's) goes into verl's ``MegatronEngineWithLMHead``: a method verl's class does not define is added as it is
+  (its ``super()`` reaches the same verl method as the subclass's); in a method verl's class defines, the
+  calls before the subclass's ``super()`` call open verl's body and the calls after it go before verl's
+  final ``return``.
+* The config: the regime / OCC fields and methods of the product's ``MtpRLConfig`` join verl's ``MtpConfig``.
+* verl's model YAML gains the ``mtp`` keys of the product's Hydra config; ``docs/advance/mtp.md`` a section.
 
 Each edit names the text it expects; when verl's file no longer has it the generator stops with the file and
 the anchor, instead of producing a patch that silently misses an integration point.
@@ -6,16 +14,22 @@ the anchor, instead of producing a patch that silently misses an integration poi
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DOCS_SECTION = HERE / "mtp_rl_docs_section.md"
 
-ENGINE_CLASS = "class MegatronEngineWithLMHead(MegatronEngine):"
-MTP_ENGINE_CLASS = "class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):"
+PRODUCT_ENGINE = "verl_mtp/workers/engine/megatron/transformer_impl.py"
+PRODUCT_ENGINE_CLASS = "MegatronMTPEngineWithLMHead"
+VERL_ENGINE = "verl/workers/engine/megatron/transformer_impl.py"
+VERL_ENGINE_CLASS = "MegatronEngineWithLMHead"
+PRODUCT_CONFIG = "verl_mtp/workers/config/mtp.py"
+PRODUCT_CONFIG_CLASS = "MtpRLConfig"
+VERL_CONFIG = "verl/workers/config/model.py"
+VERL_CONFIG_CLASS = "MtpConfig"
 HF_MODEL_YAML = "verl/trainer/config/model/hf_model.yaml"
-MTP_TARGET = "_target_: verl.workers.config.MtpConfig"
 
 
 class AnchorError(RuntimeError):
@@ -29,41 +43,220 @@ def replace_once(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def move_engine_registration(tree: Path, engine_module: str) -> None:
-    """verl registers the MTP-RL engine (a subclass, identical without ``mtp_loss_type``) in the slot of
-    ``MegatronEngineWithLMHead``: its decorator moves onto the subclass, imported by the megatron package."""
-    impl = tree / "verl/workers/engine/megatron/transformer_impl.py"
-    match = re.search(r"^(@EngineRegistry\.register\([^\n]*\))\n" + re.escape(ENGINE_CLASS), impl.read_text(), re.M)
-    if match is None:
-        raise AnchorError(f"{impl}: no @EngineRegistry.register(...) line directly above {ENGINE_CLASS!r}")
-    decorator = match.group(1)
-    replace_once(impl, f"{decorator}\n{ENGINE_CLASS}", ENGINE_CLASS)
+def _class(tree: ast.Module, name: str, path) -> ast.ClassDef:
+    found = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+    if len(found) != 1:
+        raise AnchorError(f"{path}: expected one class {name}, found {len(found)} (has verl changed?)")
+    return found[0]
 
-    moved = tree / (engine_module.replace(".", "/") + ".py")
-    text = moved.read_text()
-    registry_swap = re.search(r"^replace_engine\(MegatronEngineWithLMHead, MegatronMTPEngineWithLMHead\)\n", text, re.M)
-    registry_import = re.search(r"^from verl\.workers\.engine\.registry import replace_engine\n", text, re.M)
-    if registry_swap is None or registry_import is None:
-        raise AnchorError(f"{moved}: the registry swap (replace_engine import and call) was not found")
-    text = text.replace(registry_swap.group(0), "").replace(registry_import.group(0), "")
-    text = text.replace(
-        "from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead\n",
-        "from verl.workers.engine.base import EngineRegistry\n"
-        "from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead\n",
+
+def _methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def _segment(lines: list[str], node: ast.AST) -> list[str]:
+    """The node's source lines, decorators included."""
+    start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    return lines[start - 1 : node.end_lineno]
+
+
+def _calls_super(node: ast.stmt, name: str) -> bool:
+    return any(
+        isinstance(n, ast.Attribute)
+        and n.attr == name
+        and isinstance(n.value, ast.Call)
+        and isinstance(n.value.func, ast.Name)
+        and n.value.func.id == "super"
+        for n in ast.walk(node)
     )
-    moved.write_text(text.rstrip("\n") + "\n")
-    replace_once(moved, MTP_ENGINE_CLASS, f"{decorator}\n{MTP_ENGINE_CLASS}")
 
-    init = tree / "verl/workers/engine/megatron/__init__.py"
-    anchor = "from .transformer_impl import MegatronEngine, MegatronEngineWithLMHead, MegatronEngineWithValueHead"
-    leaf = engine_module.rsplit(".", 1)[1]
-    line = f"{anchor}  # noqa: E402\n"
-    registers = f"from .{leaf} import MegatronMTPEngineWithLMHead  # noqa: E402, F401  (registers the engine)\n"
-    replace_once(init, line, line + registers)
+
+def _split_around_super(method: ast.FunctionDef, lines: list[str]) -> tuple[list[str], list[str], str | None]:
+    """A subclass method's statements before its ``super()`` call and after it (up to ``return X``), and X."""
+    body = method.body
+    at = next((i for i, stmt in enumerate(body) if _calls_super(stmt, method.name)), None)
+    if at is None:
+        raise AnchorError(f"{PRODUCT_ENGINE}: {method.name} does not call super().{method.name}")
+    pre = [line for stmt in body[:at] for line in _segment(lines, stmt)]
+    call = body[at]
+    if isinstance(call, ast.Return) and at == len(body) - 1:
+        return pre, [], None
+    last = body[-1]
+    if (
+        isinstance(call, ast.Assign)
+        and len(call.targets) == 1
+        and isinstance(call.targets[0], ast.Name)
+        and isinstance(last, ast.Return)
+        and isinstance(last.value, ast.Name)
+        and last.value.id == call.targets[0].id
+    ):
+        return pre, [line for stmt in body[at + 1 : -1] for line in _segment(lines, stmt)], call.targets[0].id
+    raise AnchorError(
+        f"{PRODUCT_ENGINE}: {method.name} must be `pre; return super()...` or `x = super()...; post; return x`"
+    )
+
+
+def _body_start(method: ast.FunctionDef, lines: list[str]) -> int:
+    """0-based index of the line after the signature (before any leading comment of the body)."""
+    first = method.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first.end_lineno
+    index = first.lineno - 1
+    while lines[index - 1].strip().startswith("#"):
+        index -= 1
+    return index
+
+
+def add_engine_hooks(tree: Path, repo: Path, rewrite) -> None:
+    """The product engine subclass's hook calls, placed in verl's ``MegatronEngineWithLMHead``."""
+    src_text = (repo / PRODUCT_ENGINE).read_text()
+    src_lines = src_text.splitlines(keepends=True)
+    src_module = ast.parse(src_text)
+    sub = _class(src_module, PRODUCT_ENGINE_CLASS, PRODUCT_ENGINE)
+    path = tree / VERL_ENGINE
+    lines = path.read_text().splitlines(keepends=True)
+    module = ast.parse("".join(lines))
+    verl_cls = _class(module, VERL_ENGINE_CLASS, path)
+    own = _methods(verl_cls)
+    inserts: list[tuple[int, list[str]]] = []  # (0-based line index, lines to insert before it)
+    added: list[str] = []
+    for name, method in _methods(sub).items():
+        if name not in own:
+            added += ["\n", *_segment(src_lines, method)]
+            continue
+        pre, post, result = _split_around_super(method, src_lines)
+        target = own[name]
+        if pre:
+            inserts.append((_body_start(target, lines), pre))
+        if post:
+            last = target.body[-1]
+            if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Name)):
+                raise AnchorError(f"{path}: {VERL_ENGINE_CLASS}.{name} does not end with `return <name>`")
+            post = [re.sub(rf"\b{result}\b", last.value.id, line) for line in post]
+            inserts.append((last.lineno - 1, post))
+    first = verl_cls.body[0]
+    inserts.append(
+        (min([first.lineno, *(d.lineno for d in getattr(first, "decorator_list", []))]) - 1, added[1:] + ["\n"])
+    )
+    inserts.append((_import_line(module), _product_imports(src_module, src_lines)))
+    for index, new in sorted(inserts, key=lambda item: item[0], reverse=True):
+        lines[index:index] = [rewrite(line) for line in new]
+    path.write_text("".join(lines))
+
+
+def _product_imports(module: ast.Module, lines: list[str]) -> list[str]:
+    """The engine module's imports of the product (the hooks), except the registry swap's."""
+    out = []
+    for node in module.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "verl_mtp":
+            if not node.module.endswith(".registry"):
+                out += _segment(lines, node)
+    return out
+
+
+def _import_line(module: ast.Module) -> int:
+    """0-based index after verl's last absolute ``from verl... import`` at the top of the module."""
+    last = [
+        n for n in module.body if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("verl")
+    ]
+    if not last:
+        raise AnchorError(f"{VERL_ENGINE}: no top-level `from verl... import`")
+    return last[-1].end_lineno
+
+
+def _docstring_fields(cls: ast.ClassDef) -> list[str]:
+    """The field paragraphs of a class docstring (everything after its first paragraph), 4-space indented."""
+    doc = ast.get_docstring(cls, clean=True) or ""
+    paragraphs = doc.split("\n\n", 1)
+    return [f"    {line}".rstrip() + "\n" for line in paragraphs[1].splitlines()] if len(paragraphs) > 1 else []
+
+
+def _top_level_names(module: ast.Module) -> dict[str, ast.stmt]:
+    """Name -> the statement that binds it at the top of a module (definitions and imports)."""
+    names = {}
+    for node in module.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names[node.name] = node
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = node
+        elif isinstance(node, ast.Assign):
+            names.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+    return names
+
+
+def add_mtp_config_fields(tree: Path, repo: Path, rewrite) -> None:
+    """The product's ``MtpRLConfig`` body (regime / OCC fields, validation, regime helpers) in verl's
+    ``MtpConfig``, with its field documentation and the imports it needs from the moved config module."""
+    src_text = (repo / PRODUCT_CONFIG).read_text()
+    src_lines = src_text.splitlines(keepends=True)
+    src_module = ast.parse(src_text)
+    src_cls = _class(src_module, PRODUCT_CONFIG_CLASS, PRODUCT_CONFIG)
+    body = src_cls.body[1:] if ast.get_docstring(src_cls) else src_cls.body
+    spliced = src_lines[body[0].lineno - 1 : src_cls.end_lineno]
+    # verl's model module is not postponed-annotation: the class naming itself in a signature is quoted
+    spliced = [re.sub(rf"-> {PRODUCT_CONFIG_CLASS}:", f'-> "{VERL_CONFIG_CLASS}":', line) for line in spliced]
+
+    path = tree / VERL_CONFIG
+    lines = path.read_text().splitlines(keepends=True)
+    module = ast.parse("".join(lines))
+    cls = _class(module, VERL_CONFIG_CLASS, path)
+    doc = cls.body[0]
+    if not (
+        isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and lines[doc.end_lineno - 1].strip() == '"""'
+    ):
+        raise AnchorError(f"{path}: {VERL_CONFIG_CLASS} has no docstring closing on its own line")
+    fields_doc = ["\n", "    MTP-RL parameters (``mtp_loss_type``, ``occ``: see ``verl.workers.config.mtp``):\n"]
+    fields_doc += _docstring_fields(src_cls)
+
+    have = _top_level_names(module)
+    src_names = _top_level_names(src_module)
+    used = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)} - {PRODUCT_CONFIG_CLASS}
+    needed = sorted(n for n in used if n not in have and n in src_names)
+    from_mtp = [n for n in needed if not isinstance(src_names[n], ast.Import | ast.ImportFrom)]
+    imports = [line for n in needed if n not in from_mtp for line in _segment(src_lines, src_names[n])]
+    plain = sorted({line for line in imports if line.startswith("import ")})
+    relative = ["\n", *sorted(set(imports) - set(plain)), f"from .mtp import {', '.join(from_mtp)}\n"]
+
+    inserts = [
+        (cls.end_lineno, ["\n", *spliced]),
+        (doc.end_lineno - 1, fields_doc),
+        (_last_import(module), relative),
+        (_first_import(module), plain),  # the standard library's, before verl's ``from dataclasses import``
+    ]
+    for index, new in sorted(inserts, key=lambda item: item[0], reverse=True):
+        lines[index:index] = [rewrite(line) for line in new]
+    path.write_text("".join(lines))
+
+
+def _last_import(module: ast.Module) -> int:
+    return [n for n in module.body if isinstance(n, ast.Import | ast.ImportFrom)][-1].end_lineno
+
+
+def _first_import(module: ast.Module) -> int:
+    return next(n for n in module.body if isinstance(n, ast.Import | ast.ImportFrom)).lineno - 1
+
+
+def drop_config_class_from_moved_module(tree: Path, config_module: str) -> None:
+    """The moved config module keeps the regimes, OCC and checks; its ``MtpRLConfig`` now is verl's
+    ``MtpConfig`` (the moved module must not import it back: ``model.py`` imports the moved module)."""
+    path = tree / (config_module.replace(".", "/") + ".py")
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    module = ast.parse(text)
+    cls = _class(module, VERL_CONFIG_CLASS, path)  # renamed by the layout's rewrite
+    start = min([cls.lineno, *(d.lineno for d in cls.decorator_list)])
+    del lines[start - 1 : cls.end_lineno]
+    text = "".join(lines)
+    for old in ("from verl.workers.config import MtpConfig\n", f'    "{VERL_CONFIG_CLASS}",\n'):
+        if text.count(old) != 1:
+            raise AnchorError(f"{path}: expected exactly one {old!r}")
+        text = text.replace(old, "")
+    path.write_text(text)
 
 
 def export_mtp_config(tree: Path) -> None:
-    """``verl.workers.config`` exports the regime and OCC config (``MtpRLConfig``, ``OCCConfig``, ...)."""
+    """``verl.workers.config`` exports the regime and OCC config (``OCCConfig``, the regime registry, ...)."""
     init = tree / "verl/workers/config/__init__.py"
     model = "from .model import *  # noqa: F401\n"
     replace_once(init, model, model + "from .mtp import *  # noqa: F401\n")
@@ -80,13 +273,12 @@ def _mtp_keys_yaml(repo_config: Path) -> list[str]:
         if line.strip() and len(line) - len(line.lstrip()) < indent:
             break
         block.append(line[indent - 2 :] if line.strip() else "")
-    return [line for line in block if "_target_: verl_mtp.workers.config.MtpRLConfig" not in line]
+    return [line for line in block if f"_target_: verl_mtp.workers.config.{PRODUCT_CONFIG_CLASS}" not in line]
 
 
 def add_mtp_yaml_keys(tree: Path, repo_config: Path, rewrite) -> None:
-    """verl's model config builds ``MtpRLConfig`` and carries the regime / OCC keys with their defaults."""
+    """verl's model config carries the regime / OCC keys with their defaults (its ``MtpConfig`` has them)."""
     path = tree / HF_MODEL_YAML
-    replace_once(path, MTP_TARGET, "_target_: verl.workers.config.MtpRLConfig")
     anchor = "  num_speculative_tokens: 1\n"
     keys = rewrite("\n".join(_mtp_keys_yaml(repo_config))).rstrip() + "\n"
     replace_once(path, anchor, anchor + keys)
@@ -124,8 +316,9 @@ def regenerate_reference_configs(tree: Path, run_python) -> list[str]:
 
 def apply_all(tree: Path, repo: Path, layout) -> dict[str, bool]:
     """Every integration edit; returns which verl files were pre-existing (for the diff report)."""
-    engine_module = layout.modules["verl_mtp.workers.engine.megatron.transformer_impl"]
-    move_engine_registration(tree, engine_module)
+    add_engine_hooks(tree, repo, layout.rewrite)
+    add_mtp_config_fields(tree, repo, layout.rewrite)
+    drop_config_class_from_moved_module(tree, layout.modules["verl_mtp.workers.config.mtp"])
     export_mtp_config(tree)
     add_mtp_yaml_keys(tree, repo / "verl_mtp/trainer/config/mtp_ppo_megatron_trainer.yaml", layout.rewrite)
     docs_existed = add_docs_section(tree)

@@ -1,7 +1,7 @@
 """The MTP-RL Hydra config composes on top of the installed verl and validates its regime settings.
 
-* ``verl_mtp/trainer/config/mtp_ppo_megatron_trainer.yaml`` composes verl's ``ppo_megatron_trainer`` from the
-  installed package (``pkg://verl.trainer.config``) and adds the ``actor_rollout_ref.model.mtp`` keys.
+* The MTP-RL trainer config is verl's ``ppo_megatron_trainer`` (composed from the installed package,
+  ``pkg://verl.trainer.config``, where verl does not carry them itself) with the ``actor_rollout_ref.model.mtp`` keys.
 * ``omega_conf_to_dataclass`` (what verl's workers call) turns the block into ``MtpRLConfig``; each
   ``mtp_loss_type`` names a registered regime that fixes verl's own ``enable_train`` / ``detach_encoder``
   switches (the engine hands verl ``with_regime_switches()``; the config object itself only validates).

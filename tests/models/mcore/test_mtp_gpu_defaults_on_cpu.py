@@ -2,10 +2,11 @@
 
 * **bf16 with Megatron's real mixed-precision stack**: ``Float16Module`` (bf16 parameters and activations,
   fp32 logits out), Megatron's ``DistributedDataParallel`` with fp32 ``main_grad`` buffers and gradient-
-  accumulation fusion (CPU stand-in for the CUDA kernel, ``support.grad_accumulation_fusion``). Per-head and
-  main log-probs stay within 0.05 nats of the fp32 model's, every ``main_grad`` within 5 % (relative L2) of
-  the fp32 ``.grad``: bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per operation, compounded over
-  the layers); a head's lost contribution would move the gradients it reaches by far more (guarded below).
+  accumulation fusion (CPU stand-in for the CUDA kernel, ``support.grad_accumulation_fusion``).
+  Per-head and main log-probs stay within 0.05 nats of the fp32 model's, every ``main_grad`` within 5 %
+  (relative L2) of the fp32 ``.grad``: bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per operation,
+  compounded over the layers); a head's lost contribution would move the gradients it reaches by far more
+  (guarded below).
   The ``detach`` / ``ce`` gradient routing holds in bf16 too.
 * **Selective activation recompute** (``recompute_granularity="selective"``): Megatron's default
   (``core_attn``), ``core_attn`` + ``mlp`` and ``layernorm`` (output-discarding checkpoint) through the

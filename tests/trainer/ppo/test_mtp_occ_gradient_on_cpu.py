@@ -98,7 +98,7 @@ class MicroBatch:
 
 
 def estimator_run(mb: MicroBatch, train_lm_head: bool) -> GradientOCC:
-    """What ``MegatronMTPEngineWithLMHead._gradient_occ`` does, one micro-batch per pass."""
+    """What ``mtp_engine_hooks._gradient_occ`` does, one micro-batch per pass."""
     params = shared_trunk_parameters([mb.model], train_lm_head)
     mb.model.zero_grad(set_to_none=True)
     mb.loss("rl")[0].backward()

@@ -2,11 +2,11 @@
 
 verl's ``MegatronCheckpointManager.save_checkpoint`` copies ``local_path`` to ``hdfs_path`` with
 ``verl.utils.hdfs_io.copy`` as the last step of its own save. The engine's real ``save_checkpoint`` /
-``load_checkpoint`` (verl_mtp's over verl's ``MegatronEngine``) run here with a checkpoint manager that does
-only that last step, verl's own upload, on a local directory standing for the remote one (``hdfs_io`` copies
-local paths with the file system); model and optimizer state are not part of this test (the e2e resume test
-covers them). Asserted: the uploaded copy holds every saved rank file, and an engine resumed from the uploaded
-copy, after the local checkpoint is gone, carries the same OCC state.
+``load_checkpoint`` (the MTP-RL hooks around verl's ``MegatronEngine`` ones) run here with a checkpoint
+manager that does only that last step, verl's own upload, on a local directory standing for the remote one
+(``hdfs_io`` copies local paths with the file system); model and optimizer state are not part of this test
+(the e2e resume test covers them). Asserted: the uploaded copy holds every saved rank file, and an engine
+resumed from the uploaded copy, after the local checkpoint is gone, carries the same OCC state.
 """
 
 import shutil

@@ -1,7 +1,7 @@
 """Configuration of joint MTP-RL training: the regime (``mtp_loss_type``) and OCC.
 
-``MtpRLConfig`` extends verl's ``MtpConfig`` (``actor_rollout_ref.model.mtp``), so every verl key keeps its
-meaning. ``mtp_loss_type`` names a regime (see :data:`MTP_REGIME_REGISTRY`):
+The regime fields of ``MtpRLConfig`` (``actor_rollout_ref.model.mtp``) come on top of verl's MTP keys, which
+keep their meaning. ``mtp_loss_type`` names a regime (see :data:`MTP_REGIME_REGISTRY`):
 
 * ``detach``: Megatron's MTP cross-entropy on detached trunk inputs (verl ``enable_train=True,
   detach_encoder=True``); no gradient from MTP reaches the embedding, decoder or lm_head.
@@ -34,6 +34,7 @@ __all__ = [
     "get_mtp_regime",
     "OCCConfig",
     "MtpRLConfig",
+    "check_mtp_rl_settings",
     "check_megatron_mtp_settings",
     "check_distillation_settings",
 ]
@@ -153,6 +154,62 @@ class OCCConfig(BaseConfig):
             raise ValueError(f"{prefix}.lambda_plus_gradient must be > 0, got {self.lambda_plus_gradient}")
 
 
+def check_mtp_rl_settings(config) -> None:
+    """Refuse contradictory regime settings of an MTP config (verl's ``MtpConfig`` keys plus the regime's).
+
+    A function rather than a method so that the same checks run wherever the regime fields are declared.
+    """
+    regime = config.regime
+    if regime is None:
+        if config.occ.enable or config.occ.diagnose_every:
+            raise ValueError(
+                "actor_rollout_ref.model.mtp.occ.enable=True / occ.diagnose_every > 0 need mtp_loss_type=rl "
+                "(OCC calibrates the MTP policy loss)."
+            )
+        return
+    if not config.enable:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.mtp_loss_type={regime.name} needs actor_rollout_ref.model.mtp.enable="
+            "True and a model with MTP layers."
+        )
+    if config.detach_encoder and not regime.detach_encoder:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={regime.name} (which "
+            "trains the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
+        )
+    if config.logprob_chunk_size < 0:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {config.logprob_chunk_size}"
+        )
+    _check_policy_loss_options(config, regime)
+
+
+def _check_policy_loss_options(config, regime: MtpRegime) -> None:
+    """Options marked "rl only" need a regime that trains the heads with the policy loss."""
+    if config.detached_head_ce_coef < 0 or (config.detached_head_ce_coef > 0 and not regime.policy_loss):
+        raise ValueError(
+            "actor_rollout_ref.model.mtp.detached_head_ce_coef must be >= 0 and only applies to "
+            f"mtp_loss_type=rl; got {config.detached_head_ce_coef} with mtp_loss_type={regime.name}"
+        )
+    if regime.policy_loss:
+        return
+    if config.occ.enable:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={regime.name}: OCC only calibrates "
+            "the rl regime; set mtp_loss_type=rl or occ.enable=False."
+        )
+    if config.occ.diagnose_every:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.occ.diagnose_every={config.occ.diagnose_every} with mtp_loss_type="
+            f"{regime.name}: the diagnostics compare gradients of the rl regime's MTP policy loss; set "
+            "mtp_loss_type=rl or occ.diagnose_every=0."
+        )
+    if config.train_lm_head:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.train_lm_head=True only applies to mtp_loss_type=rl, got {regime.name}."
+        )
+
+
 @dataclass
 class MtpRLConfig(MtpConfig):
     """verl's ``MtpConfig`` plus the joint-training regime; see the module docstring.
@@ -179,54 +236,7 @@ class MtpRLConfig(MtpConfig):
     def __post_init__(self):
         if isinstance(self.occ, dict):  # built directly rather than through Hydra's nested _target_
             object.__setattr__(self, "occ", OCCConfig(**self.occ))
-        regime = self.regime
-        if regime is None:
-            if self.occ.enable or self.occ.diagnose_every:
-                raise ValueError(
-                    "actor_rollout_ref.model.mtp.occ.enable=True / occ.diagnose_every > 0 need mtp_loss_type=rl "
-                    "(OCC calibrates the MTP policy loss)."
-                )
-            return
-        if not self.enable:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.mtp_loss_type={regime.name} needs actor_rollout_ref.model.mtp.enable="
-                "True and a model with MTP layers."
-            )
-        if self.detach_encoder and not regime.detach_encoder:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={regime.name} (which "
-                "trains the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
-            )
-        if self.logprob_chunk_size < 0:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {self.logprob_chunk_size}"
-            )
-        self._check_policy_loss_options(regime)
-
-    def _check_policy_loss_options(self, regime: MtpRegime) -> None:
-        """Options marked "rl only" need a regime that trains the heads with the policy loss."""
-        if self.detached_head_ce_coef < 0 or (self.detached_head_ce_coef > 0 and not regime.policy_loss):
-            raise ValueError(
-                "actor_rollout_ref.model.mtp.detached_head_ce_coef must be >= 0 and only applies to "
-                f"mtp_loss_type=rl; got {self.detached_head_ce_coef} with mtp_loss_type={regime.name}"
-            )
-        if regime.policy_loss:
-            return
-        if self.occ.enable:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.occ.enable=True with mtp_loss_type={regime.name}: OCC only calibrates "
-                "the rl regime; set mtp_loss_type=rl or occ.enable=False."
-            )
-        if self.occ.diagnose_every:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.occ.diagnose_every={self.occ.diagnose_every} with mtp_loss_type="
-                f"{regime.name}: the diagnostics compare gradients of the rl regime's MTP policy loss; set "
-                "mtp_loss_type=rl or occ.diagnose_every=0."
-            )
-        if self.train_lm_head:
-            raise ValueError(
-                f"actor_rollout_ref.model.mtp.train_lm_head=True only applies to mtp_loss_type=rl, got {regime.name}."
-            )
+        check_mtp_rl_settings(self)
 
     @property
     def regime(self) -> MtpRegime | None:
@@ -235,7 +245,7 @@ class MtpRLConfig(MtpConfig):
 
     @property
     def is_rl(self) -> bool:
-        """Whether the heads are trained by the policy loss (this project's engine path)."""
+        """Whether the heads are trained by the policy loss (the engine's MTP-RL path)."""
         regime = self.regime
         return self.enable and regime is not None and regime.policy_loss
 
@@ -251,7 +261,7 @@ class MtpRLConfig(MtpConfig):
         return dataclasses.replace(self, enable_train=True, detach_encoder=regime.detach_encoder)
 
 
-def check_megatron_mtp_settings(mtp_config: MtpRLConfig, transformer_config) -> None:
+def check_megatron_mtp_settings(mtp_config, transformer_config) -> None:
     """Refuse Megatron-Core model settings that silently change what ``mtp_loss_type`` trains.
 
     ``mtp_detach_heads`` (Megatron-Core 0.19+; set through ``override_transformer_config`` or a bridge) cuts

@@ -27,7 +27,8 @@ from verl.workers.config import ActorConfig
 from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_lambda, occ_statistics
-from verl_mtp.workers.config.mtp import MtpRLConfig, check_distillation_settings
+from verl_mtp.workers.config import MtpRLConfig
+from verl_mtp.workers.config.mtp import check_distillation_settings
 
 __all__ = ["mtp_policy_loss", "with_mtp_policy_loss", "mtp_head_only_loss"]
 
@@ -48,8 +49,9 @@ def _num_heads(model_output) -> int:
         k += 1
     if k == 0:
         raise RuntimeError(
-            "mtp_loss_type=rl but the model output carries no MTP log-probs: the actor engine does not score "
-            "the MTP heads (is MegatronMTPEngineWithLMHead the registered Megatron engine? see docs/mtp_rl.md)"
+            "actor_rollout_ref.model.mtp.mtp_loss_type=rl but the model output carries no MTP log-probs: the "
+            "actor engine did not score the MTP heads (only the Megatron engine does: set "
+            "actor_rollout_ref.actor.strategy=megatron; see docs/mtp_rl.md)"
         )
     return k
 

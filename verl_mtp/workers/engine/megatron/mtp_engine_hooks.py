@@ -1,0 +1,276 @@
+"""What the MTP regimes add to verl's Megatron LM engine, as plain functions of the engine.
+
+The engine calls each hook at one point of its own methods (``MegatronMTPEngineWithLMHead`` here; verl's
+``MegatronEngineWithLMHead`` itself in the upstream form), so that the behaviour lives in one place whichever
+class carries the calls. The state the hooks keep is on the engine (``occ_state``, ``rl_postprocess``, ...).
+
+They hand verl the regime's values of verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it
+patches the model and in every ``forward_step``), and for a regime trained by the policy loss (``rl``):
+
+1. install one RL postprocess per model chunk (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own MTP
+   patch, keeping the chunk -> postprocess map;
+2. in the logits processor, score each head's targets (``x[i+k+1]``, packed by verl's own packing like the
+   main labels) under the main head's temperature, so verl unpacks the per-head log-probs exactly like the
+   main ones (TP padding, context-parallel gather);
+3. shift the unpacked per-head outputs right by ``k`` onto the main head's positions, with a valid mask;
+4. add the OCC-scaled MTP policy term to verl's actor loss;
+5. with ``occ.estimator=gradient`` (every update) or ``occ.diagnose_every=N`` (every N-th), run the gradient
+   estimator (:mod:`verl_mtp.trainer.ppo.mtp_occ_gradient`) before the update: the mini-batch's forward/backward
+   once with the RL loss alone and once per head with that head's unit-coefficient MTP loss, through Megatron's
+   pipeline schedule like the update itself, then the update with the estimator's lambdas (``gradient``) or
+   the proxy's (diagnostics only).
+
+On every megatron-core version they keep verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
+in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MTP weights under 0.17+'s names
+(:mod:`verl_mtp.models.mcore.mcore_compat`). Without a regime (``mtp_loss_type=null``) the engine is verl's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from verl.utils import tensordict_utils as tu
+from verl.utils.megatron_utils import unwrap_model
+from verl_mtp.models.mcore.mcore_compat import (
+    adapt_mbridge_mtp_names,
+    keep_mtp_ce_off_lm_head,
+    let_mtp_layers_recompute,
+)
+from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
+from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
+from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
+from verl_mtp.trainer.ppo.mtp_occ import OCCState
+from verl_mtp.trainer.ppo.mtp_occ_gradient import (
+    GradientSnapshot,
+    gradient_occ,
+    gradient_occ_metrics,
+    head_products,
+    proxy_lambda_metrics,
+    shared_trunk_parameters,
+)
+from verl_mtp.workers.config import MtpRLConfig
+from verl_mtp.workers.config.mtp import check_megatron_mtp_settings
+from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
+
+__all__ = [
+    "apply_regime_switches",
+    "init_mtp_state",
+    "is_mtp_rl",
+    "check_mtp_rl_layout",
+    "install_mtp_rl",
+    "adapt_bridge",
+    "forward_backward_batch",
+    "add_mtp_head_scores",
+    "align_outputs",
+    "save_occ_state",
+    "load_occ_state",
+    "mtp_loss_function",
+]
+
+
+def apply_regime_switches(model_config) -> None:
+    """Before verl's engine reads ``enable_train`` / ``detach_encoder``: the regime's values win."""
+    if isinstance(model_config.mtp, MtpRLConfig):
+        model_config.mtp = model_config.mtp.with_regime_switches()
+
+
+def init_mtp_state(engine) -> None:
+    """The per-engine state of the hooks (after verl's ``__init__``)."""
+    engine.rl_postprocess: dict[torch.nn.Module, MTPRLPostprocess] = {}
+    engine.mtp_updates = 0  # mini-batch updates so far (the gradient estimator's cadence)
+    engine._mtp_loss_mode = None  # None: the full loss; "rl": the RL loss alone; k: head k's MTP loss alone
+    engine._mtp_coefficients = None  # the gradient estimator's lambdas for the update in progress
+
+
+def is_mtp_rl(engine) -> bool:
+    """Whether this engine trains the MTP heads with the policy loss (``mtp_loss_type=rl``)."""
+    mtp = engine.model_config.mtp
+    return isinstance(mtp, MtpRLConfig) and mtp.is_rl
+
+
+def check_mtp_rl_layout(engine) -> None:
+    """Refuse, before anything is built, the layouts whose MTP inputs would be rolled wrongly.
+
+    Static context parallelism works: Megatron's MTP block rolls its inputs across the CP ranks' zig-zag
+    chunks with the padded packed offsets verl passes, and the head targets are packed by verl itself.
+    Dynamic CP regroups ranks per micro-batch, but the MTP block rolls over the static CP group.
+    """
+    if not is_mtp_rl(engine):
+        return
+    if bool(getattr(engine.engine_config, "dynamic_context_parallel", False)):
+        raise NotImplementedError(
+            "actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support "
+            "actor_rollout_ref.actor.megatron.dynamic_context_parallel=True: Megatron's MTP block rolls its "
+            "inputs over the static context-parallel group, not the per-micro-batch dynamic groups, so the "
+            "heads would see wrong tokens. Use dynamic_context_parallel=False with context_parallel_size > 1 "
+            "(supported), or mtp_loss_type=detach. See docs/mtp_rl.md."
+        )
+
+
+def _check_gradient_estimator_layout(engine) -> None:
+    """The estimator reads whole DP-averaged gradients; the distributed optimizer keeps only a shard of them."""
+    occ = engine.model_config.mtp.occ
+    dp_size = engine.get_data_parallel_size()
+    if occ.needs_gradients and engine.engine_config.use_distributed_optimizer and dp_size > 1:
+        raise ValueError(
+            "actor_rollout_ref.model.mtp.occ.estimator=gradient / occ.diagnose_every > 0 read whole "
+            "data-parallel-averaged gradients, which Megatron's distributed optimizer shards over the "
+            f"{dp_size} data-parallel ranks: set "
+            "actor_rollout_ref.actor.megatron.use_distributed_optimizer=False, or use occ.estimator=proxy "
+            "with occ.diagnose_every=0."
+        )
+
+
+def install_mtp_rl(engine) -> None:
+    """After verl built and patched the model: check it, then install the regime's per-chunk pieces."""
+    mtp = engine.model_config.mtp
+    if isinstance(mtp, MtpRLConfig):
+        for chunk in engine.module:
+            check_megatron_mtp_settings(mtp, unwrap_model(chunk).config)
+    if mtp.enable:
+        for chunk in engine.module:
+            let_mtp_layers_recompute(chunk)
+    if is_mtp_rl(engine):
+        _check_gradient_estimator_layout(engine)
+        engine.occ_state = OCCState(mtp.occ)
+        for chunk in engine.module:
+            engine.rl_postprocess[chunk] = MTPRLPostprocess(
+                train_lm_head=mtp.train_lm_head,
+                logprob_chunk_size=mtp.logprob_chunk_size,
+                detached_head_ce=mtp.detached_head_ce_coef > 0,
+            ).patch(chunk)
+    elif mtp.enable:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
+        for chunk in engine.module:
+            keep_mtp_ce_off_lm_head(chunk)
+
+
+def adapt_bridge(engine) -> None:
+    """After verl built the transformer config, before it loads the weights through its mbridge."""
+    if getattr(engine, "bridge", None) is not None:
+        adapt_mbridge_mtp_names(engine.bridge)
+
+
+def forward_backward_batch(engine, run, data, loss_function, forward_only: bool):
+    """verl's ``forward_backward_batch`` (``run``), preceded on the gradient estimator's updates by its passes
+    (see the module docstring)."""
+    if forward_only or loss_function is None or not is_mtp_rl(engine):
+        return run(data, loss_function, forward_only=forward_only)
+    occ = engine.model_config.mtp.occ
+    engine.mtp_updates += 1
+    diagnose = occ.diagnose_every > 0 and engine.mtp_updates % occ.diagnose_every == 0
+    if occ.estimator != "gradient" and not diagnose:
+        return run(data, loss_function)
+    stats = _gradient_occ(engine, run, data, loss_function)
+    lam, nonfinite = stats.lambdas(occ.lambda_plus_gradient, occ.eps, occ.max_abs_lambda)
+    engine._mtp_coefficients = lam if occ.estimator == "gradient" else None
+    try:
+        output = run(data, loss_function)
+    finally:
+        engine._mtp_coefficients = None
+    if "metrics" in output:
+        metrics = output["metrics"]
+        metrics.update(proxy_lambda_metrics(metrics, engine.tf_config.mtp_num_layers, occ.lambda_plus, occ.eps))
+        metrics.update(gradient_occ_metrics(stats, lam, nonfinite))  # one per update, as verl merges them
+    return output
+
+
+def _gradient_occ(engine, run, data, loss_function):
+    """The gradient estimator's statistics for this mini-batch; leaves the gradients zeroed."""
+    mtp = engine.model_config.mtp
+    params = shared_trunk_parameters([unwrap_model(chunk) for chunk in engine.module], mtp.train_lm_head)
+    per_head = []
+    try:
+        engine._mtp_loss_mode = "rl"
+        engine.optimizer_zero_grad()
+        run(data, loss_function)
+        rl = GradientSnapshot.take(params)
+        for k in range(1, engine.tf_config.mtp_num_layers + 1):
+            engine._mtp_loss_mode = k
+            engine.optimizer_zero_grad()
+            run(data, loss_function)
+            per_head.append(head_products(rl, params))
+    finally:
+        engine._mtp_loss_mode = None
+        engine.optimizer_zero_grad()
+    return gradient_occ(per_head)
+
+
+def _pop_mtp_output(engine):
+    """The postprocess that ran the heads in this micro-batch's forward and its output, else ``(None, None)``.
+
+    Only the chunk that holds the output layer (``post_process``) leaves an output, and its logits
+    processor runs before the next forward. An engine made without ``__init__`` (as verl's own unit tests of
+    the logits processor make one) has installed none.
+    """
+    for postprocess in getattr(engine, "rl_postprocess", {}).values():
+        output = postprocess.pop_output()
+        if output is not None:
+            return postprocess, output
+    return None, None
+
+
+def add_mtp_head_scores(engine, ret: dict, label, temperature, batch, data_format: str) -> None:
+    """In verl's logits processor, after the main head's log-probs: each MTP head's, into ``ret``."""
+    postprocess, mtp_output = _pop_mtp_output(engine)
+    if mtp_output is None:
+        return
+    packing = _packing(engine, batch, postprocess.model)
+    head_labels = pack_head_labels(batch["input_ids"], mtp_output.num_heads, data_format, **packing)
+    ret.update(score_mtp_heads(mtp_output, [t.view_as(label) for t in head_labels], temperature))
+
+
+def _packing(engine, batch, gpt) -> dict:
+    """The packing arguments verl's forward_step gives its own labels for this micro-batch."""
+    cfg = engine.engine_config
+    return {
+        "use_fp8_padding": gpt.config.fp8 in ["e4m3", "hybrid"],
+        "local_cp_size": tu.get_non_tensor_data(data=batch, key="local_cp_size", default=None),
+        "pad_to_length_bucket": cfg.pad_to_length_bucket if cfg.pad_to_length and cfg.use_remove_padding else None,
+        "cp_layout": engine._get_context_parallel_layout(gpt),
+        "forced_max_seqlen": tu.get_non_tensor_data(data=batch, key="forced_max_seqlen", default=None),
+    }
+
+
+def align_outputs(engine, output: dict) -> dict:
+    """verl's unpacked model outputs with the MTP heads' shifted onto the main head's positions."""
+    return align_mtp_outputs(output) if is_mtp_rl(engine) else output
+
+
+def _occ_state_path(local_path: str) -> str:
+    return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
+
+
+def save_occ_state(engine, local_path: str) -> None:
+    """This rank's OCC state, before verl's checkpoint (MTP weights are part of the Megatron model state).
+
+    It goes first: verl's checkpoint manager uploads ``local_path`` to ``hdfs_path``
+    (``trainer.default_hdfs_dir``) at the end of its own save, and the state must be in that copy.
+    """
+    if is_mtp_rl(engine):
+        os.makedirs(local_path, exist_ok=True)
+        with open(_occ_state_path(local_path), "w") as f:
+            json.dump(engine.occ_state.state_dict(), f)
+
+
+def load_occ_state(engine, local_path: str) -> None:
+    """Read before verl's own load: verl may delete the local copy after loading."""
+    occ_path = _occ_state_path(local_path) if is_mtp_rl(engine) else None
+    if occ_path and os.path.exists(occ_path):
+        with open(occ_path) as f:
+            engine.occ_state.load_state_dict(json.load(f))
+
+
+def mtp_loss_function(engine, loss_function, forward_only: bool):
+    """verl's actor loss as the current pass needs it (see ``engine._mtp_loss_mode``)."""
+    if not is_mtp_rl(engine) or loss_function is None or forward_only:
+        return loss_function
+    mode, mtp = engine._mtp_loss_mode, engine.model_config.mtp
+    if mode == "rl":
+        return loss_function
+    if mode is not None:
+        return mtp_head_only_loss(loss_function, mtp, mode)
+    return with_mtp_policy_loss(loss_function, mtp, engine.occ_state, engine._mtp_coefficients)
