@@ -97,10 +97,12 @@ def scatter_figure(out: str, pairs: dict, lam: dict) -> str:
     everything = lam["all"]
     if everything["pearson"] is not None:
         ax.set_title(f"proxy vs exact lambda, same updates: Pearson {everything['pearson']:.2f}, "
-                     f"Spearman {everything['spearman']:.2f}", fontsize=10)
+                     f"Spearman {everything['spearman']:.2f}, same sign {everything['sign_agreement']:.0%}",
+                     fontsize=9)
+    ax.set_xscale("symlog", linthresh=1.0)  # c / v^2 has heavy tails where v^2 is small
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel("exact lambda = c / v^2 (gradient estimator)")
+    ax.set_xlabel("exact lambda = c / v^2 (gradient estimator; symlog)")
     ax.set_ylabel("proxy lambda (OCC, log-probabilities)")
     ax.grid(alpha=0.3)
     if pairs:

@@ -124,12 +124,14 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def correlations(exact: list[float], proxy: list[float]) -> dict:
-    """Pearson and Spearman correlation of the two estimators (None below 3 points or without spread)."""
+    """Pearson and Spearman correlation of the two estimators (None below 3 points or without spread), and the
+    share of updates where they agree in sign (whether the MTP term should push or pull at all)."""
     x, y = np.asarray(exact, float), np.asarray(proxy, float)
+    sign = float(np.mean(np.sign(x) == np.sign(y))) if len(x) else None
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return {"n": len(x), "pearson": None, "spearman": None}
+        return {"n": len(x), "pearson": None, "spearman": None, "sign_agreement": sign}
     return {"n": len(x), "pearson": float(np.corrcoef(x, y)[0, 1]),
-            "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
+            "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]), "sign_agreement": sign}
 
 
 def write_report(out: str, regimes: list[str], seeds: list[int], steps: int, seconds: Optional[float]) -> dict:

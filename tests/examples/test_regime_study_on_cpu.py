@@ -108,6 +108,7 @@ def test_spearman_uses_average_ranks_for_ties():
     expected = np.corrcoef(ranks_exact, np.arange(4.0))[0, 1]
     assert study_report.correlations(exact, proxy)["spearman"] == pytest.approx(expected)
     assert study_report.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["pearson"] is None
+    assert study_report.correlations([1.0, -2.0, 3.0, -0.5], [0.1, 0.2, 0.3, -0.1])["sign_agreement"] == 0.75
 
 
 def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
