@@ -41,6 +41,11 @@ update: on a single mini-batch per step lambda would be 0 by construction (the l
 mini-batches the first carries no signal and the other 3 calibrate. ``--carry-last-lambda`` additionally
 reuses the last informative lambda on signal-free micro-batches (verl-mtp's option, not the paper's).
 
+Parallel layout: ``--tp N`` (the actor's Megatron tensor parallelism) and ``--dp N`` (data-parallel ranks) run
+``tp x dp`` actor processes on gloo, each with its own ``hf_cpu`` rollout replica that receives the gathered
+weights (MTP layers included) at every sync. A mini-batch's samples are split evenly over the ``dp`` ranks; with
+``--dp 2`` and ``--mode rl_occ``, OCC's sums are all-reduced over them (``occ.scope=data_parallel``).
+
 Learning rate: linear warm-up from lr/10 over ``--lr-warmup-steps`` (default 3, shortened to ``steps - 1`` for
 shorter runs, as the scheduler needs the warm-up to end before the last step).
 
@@ -152,7 +157,8 @@ def train(args, run: Run) -> int:
     cmd = trainer_command(args, run.paths["model"], run.paths["data"], run.workdir)
     _record_command(run, cmd)
     log(f"verl PPO: algo={args.algo} mode={args.mode} K={args.mtp_layers} steps={args.steps} "
-        f"batch={args.batch}x{args.n} mini-batch={mini_batch(args)} lr={args.lr} model={run.paths['model']}")
+        f"batch={args.batch}x{args.n} mini-batch={mini_batch(args)} tp={args.tp} dp={args.dp} lr={args.lr} "
+        f"model={run.paths['model']}")
     log(f"metrics: {os.path.join(run.workdir, 'metrics.jsonl')}  full log: {run.log_file}")
     printer = StepPrinter(run.metrics_part, os.path.join(run.workdir, "rollouts"), args.steps, args.mtp_layers)
     thread = threading.Thread(target=printer.watch, daemon=True)
@@ -252,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32, help="prompts per step (data.train_batch_size)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (GRPO group size)")
     ap.add_argument("--mini-batch", type=int, default=None, help="prompts per mini-batch (default batch/4)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (default: a mini-batch)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="samples per micro-batch and rank (default: a rank's share of a mini-batch)")
+    ap.add_argument("--tp", type=int, default=1, help="actor tensor-parallel size (Megatron; world size tp x dp)")
+    ap.add_argument("--dp", type=int, default=1,
+                    help="data-parallel ranks (world size tp x dp; rl_occ then sums OCC over them)")
     ap.add_argument("--lr", type=float, default=1e-3, help="actor learning rate")
     ap.add_argument("--lr-warmup-steps", type=int, default=None,
                     help="linear warm-up from lr/10 over N steps (default: 3, at most steps - 1)")
