@@ -36,12 +36,13 @@ import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
+from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR
+
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "hf_cpu"
 
 
-WEIGHTS_DIR_ENV = "VERL_CPU_ROLLOUT_WEIGHTS_DIR"
 MTP_LAYER_KEY = ".mtp_layers."
 
 
@@ -176,8 +177,8 @@ class CPURolloutServer:
                 self.model.tie_weights()
             self._weights_version += 1
             self._global_steps = global_steps
-            if os.environ.get(WEIGHTS_DIR_ENV):
-                self._write_served_weights(os.environ[WEIGHTS_DIR_ENV], global_steps)
+            if os.environ.get(ROLLOUT_WEIGHTS_DIR):
+                self._write_served_weights(os.environ[ROLLOUT_WEIGHTS_DIR], global_steps)
         return loaded
 
     def served_weights(self) -> dict[str, torch.Tensor]:

@@ -43,7 +43,9 @@ reuses the last informative lambda on signal-free micro-batches (verl-mtp's opti
 
 Parallel layout: ``--tp N`` (the actor's Megatron tensor parallelism) and ``--dp N`` (data-parallel ranks) run
 ``tp x dp`` actor processes on gloo, each with its own ``hf_cpu`` rollout replica that receives the gathered
-weights (MTP layers included) at every sync. A mini-batch's samples are split evenly over the ``dp`` ranks; with
+weights (MTP layers included) at every sync; ``--dump-rollout-weights`` has each replica write what it serves
+after every sync to ``<workdir>/rollout_weights/replica<R>_step<N>.safetensors``, to check that against the
+checkpoints. A mini-batch's samples are split evenly over the ``dp`` ranks; with
 ``--dp 2`` and ``--mode rl_occ``, OCC's sums are all-reduced over them (``occ.scope=data_parallel``).
 
 Learning rate: linear warm-up from lr/10 over ``--lr-warmup-steps`` (default 3, shortened to ``steps - 1`` for
@@ -71,7 +73,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from verl_cpu.environment import cpu_child_env, cpu_process_env
+from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR, cpu_child_env, cpu_process_env
 from verl_mtp_example import metrics_view as mv
 from verl_mtp_example import run_dir
 from verl_mtp_example.preparation import PreparationError, SftSettings, prepare
@@ -121,6 +123,8 @@ def prepare_run(args) -> Run:
         if moved:
             log(f"moved the previous run in {workdir} to {moved} (use --resume to continue it instead)")
     run = Run(workdir=workdir, log_file=os.path.join(workdir, "train.log"), env=trainer_env())
+    if args.dump_rollout_weights:
+        run.env[ROLLOUT_WEIGHTS_DIR] = os.path.join(workdir, "rollout_weights")
     prep_dir = os.path.abspath(args.prep_dir or os.path.join(workdir, "prep"))
     t0 = time.time()
     run.paths = prepare(prep_dir, args.mtp_layers, args.seed, SftSettings(args.sft_steps, args.sft_lr, args.sft_batch),
@@ -276,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     ap.add_argument("--resume-from", default=None,
                     help="continue from this .../global_step_N checkpoint (any work dir's) instead")
+    ap.add_argument("--dump-rollout-weights", action="store_true",
+                    help="each rollout replica writes the weights it serves after every sync to "
+                         "<workdir>/rollout_weights/")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the trainer is stopped")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the trainer (after --)")
     return ap
