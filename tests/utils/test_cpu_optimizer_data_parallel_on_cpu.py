@@ -55,12 +55,12 @@ def _one_step(info):
 
 @pytest.fixture(scope="module")
 def one_rank():
-    return run_cpu_ranks(_one_step, 1)[0]
+    return run_cpu_ranks(_one_step, 1, timeout_s=900)[0]
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_cpu_ranks(_one_step, 2)
+    return run_cpu_ranks(_one_step, 2, timeout_s=900)
 
 
 def test_both_ranks_read_the_whole_reduced_gradient(one_rank, two_ranks):
