@@ -9,7 +9,7 @@ mapping gains two entries (``input_layernorm.weight``, ``pre_mlp_layernorm.weigh
 Second blocker: mbridge 0.15.1 ``mbridge.core.util.get_model`` moves every chunk with
 ``model_module.cuda(torch.cuda.current_device())`` ("RuntimeError: Invalid device, must be cuda device"), so
 :meth:`CPUBridge.get_model` builds the chunks itself: provider -> Float16Module (bf16/fp16) -> Megatron DDP,
-on CPU, no pipeline/virtual-pipeline stages (world size 1 on CPU).
+on CPU, no pipeline/virtual-pipeline stages (tensor and data parallelism only).
 
 Registered through mbridge's own registry (``mbridge.core.bridge.register_model``), replacing the entries for
 the model types below only when the CPU platform is active (:mod:`verl_cpu.plugin`).

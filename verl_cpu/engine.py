@@ -35,15 +35,10 @@ class CPUMegatronEngineMixin:
             fp16=self.param_dtype == torch.float16,
             bf16=self.param_dtype == torch.bfloat16,
         )
-        if self.engine_config.use_distributed_optimizer:
-            # verl's default. DDP then keeps the contiguous param buffer that verl's load/offload code needs
-            # (verl.utils.megatron_utils.load_megatron_model_to_gpu reads buffer.param_data, None otherwise) and
-            # reduce-scatters grads; with one data-parallel rank that is the full, reduced gradient, which is
-            # all the (non-sharded) CPU optimizer reads.
-            from megatron.core import parallel_state as mpu
-
-            if mpu.get_data_parallel_world_size(with_context_parallel=True) != 1:
-                raise NotImplementedError("CPU engine: use_distributed_optimizer=True needs data-parallel size 1")
+        # verl's default use_distributed_optimizer=True stays on for DDP: it keeps the contiguous param buffer
+        # verl's load/offload and weight export read (verl.utils.megatron_utils.load_megatron_model_to_gpu reads
+        # buffer.param_data, None otherwise) and reduce-scatters the gradients; the CPU optimizer, never sharded,
+        # gathers the reduced shards back before its step (verl_cpu.optimizer.gather_reduced_grad_shards).
         optimizer = CPUMixedPrecisionOptimizer(self.module, config)
         register_megatron_training_hooks(self.module, optimizer)
         return optimizer

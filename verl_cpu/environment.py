@@ -12,6 +12,9 @@ import os
 import socket
 
 PLUGIN = "verl_cpu.plugin"
+# when set, the hf_cpu rollout server writes the weights it serves after each sync into this directory
+# (verl_cpu.rollout); the server inherits it like every VERL_* variable
+ROLLOUT_WEIGHTS_DIR = "VERL_CPU_ROLLOUT_WEIGHTS_DIR"
 
 
 def _free_port() -> str:

@@ -10,8 +10,14 @@ This one keeps Megatron's optimizer interface (``step() -> (ok, grad_norm, num_z
 ``scale_loss``, ``param_groups`` for ``OptimizerParamScheduler``, ``state_dict``) and Megatron's numerics for a
 bf16 model: gradients are read from the DDP fp32 ``main_grad`` buffers, clipped by the global L2 norm
 (all-reduced over the model-parallel group), applied to fp32 master copies with AdamW, and copied back to
-the bf16 parameters. No loss scaling (bf16). Not supported: distributed (sharded) optimizer state,
-CPU offload of optimizer state. ``sharded_state_dict`` follows Megatron's Float16 optimizer layout.
+the bf16 parameters. No loss scaling (bf16). Not supported: sharded optimizer state, CPU offload of optimizer
+state. ``sharded_state_dict`` follows Megatron's Float16 optimizer layout.
+
+Megatron's DDP built for a distributed optimizer (verl's default, which also keeps the contiguous param buffer
+verl's weight export reads) reduce-scatters the gradients: after the backward pass each data-parallel rank holds
+the reduced gradient of its own shard of every bucket only. :func:`gather_reduced_grad_shards` completes that
+with an all-gather of the shards over the same group, so every rank reads the full reduced gradient and makes
+the same (replicated) update -- the numerics of a plain all-reduce, with optimizer state kept whole on each rank.
 """
 
 from __future__ import annotations
@@ -24,6 +30,25 @@ from megatron.core.optimizer.optimizer import MegatronOptimizer
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 1 or name.endswith(".bias")
+
+
+def gather_reduced_grad_shards(model_chunks) -> None:
+    """All-gather the reduce-scattered gradient shards of every DDP bucket (see the module doc); a no-op for
+    a DDP without distributed optimizer (it all-reduces) or with one data-parallel rank."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None or not ddp_config.use_distributed_optimizer:
+            continue
+        for group in [*chunk.bucket_groups, *chunk.expert_parallel_bucket_groups]:
+            size = group.intra_distributed_optimizer_instance_size
+            if size == 1:
+                continue
+            rank = group.intra_distributed_optimizer_instance_rank
+            for bucket in group.buckets:
+                shard = bucket.grad_data.numel() // size
+                own = bucket.grad_data[rank * shard:(rank + 1) * shard].clone()
+                torch.distributed.all_gather_into_tensor(
+                    bucket.grad_data, own, group=group.intra_distributed_optimizer_instance_group)
 
 
 class CPUMixedPrecisionOptimizer(MegatronOptimizer):
@@ -68,6 +93,7 @@ class CPUMixedPrecisionOptimizer(MegatronOptimizer):
             yield from zip(model_ps, main_ps)
 
     def prepare_grads(self) -> bool:
+        gather_reduced_grad_shards(self.model_chunks)
         for p, main in self._pairs():
             grad = getattr(p, "main_grad", None)
             if grad is None:

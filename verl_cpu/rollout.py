@@ -14,8 +14,12 @@ The server implements the token-in/token-out ``generate(prompt_ids, sampling_par
 agent loop calls and returns :class:`~verl.workers.rollout.replica.TokenOutput` with the sampled ids and their
 log-probs under the temperature-scaled distribution (what verl's actor recomputes). Sampling: temperature,
 top-k, top-p, greedy when temperature == 0, stop at EOS or ``max_tokens``. The model is the HF causal LM
-(fp32); a MiMo checkpoint (``model_type: mimo``) is served by its Qwen2 trunk (MTP layers are not used for
-drafting here).
+(fp32); a MiMo checkpoint (``model_type: mimo``) is served by its Qwen2 trunk. Its MTP layers are not used
+for drafting here, but the server holds them and every weight sync replaces them like the trunk's weights, as
+a speculative-decoding rollout must (a stale draft silently loses its acceptance rate), so what a sync delivers
+can be checked: with ``VERL_CPU_ROLLOUT_WEIGHTS_DIR`` set, the server writes the weights it serves after each
+sync to ``<dir>/replica<R>_step<N>.safetensors`` (HF names, trunk and MTP layers; N is the trainer's global
+step, 0 for the sync before the first step).
 """
 
 from __future__ import annotations
@@ -32,22 +36,29 @@ import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
+from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR
+
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "hf_cpu"
 
 
+MTP_LAYER_KEY = ".mtp_layers."
+
+
 def _load_hf_causal_lm(local_path: str, trust_remote_code: bool = False):
+    """The HF causal LM to sample with, and the checkpoint's MTP-layer weights (``{hf_name: fp32 tensor}``,
+    empty for a model without them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(local_path, trust_remote_code=trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(local_path, torch_dtype=torch.float32,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code), {}
     except (ValueError, KeyError):
         if getattr(config, "model_type", None) != "mimo":
             raise
-    # MiMo = Qwen2 decoder + MTP layers: serve the trunk with Qwen2ForCausalLM, ignore model.mtp_layers.*
+    # MiMo = Qwen2 decoder + MTP layers: serve the trunk with Qwen2ForCausalLM, keep model.mtp_layers.* aside
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
@@ -58,11 +69,12 @@ def _load_hf_causal_lm(local_path: str, trust_remote_code: bool = False):
     state = {}
     for f in sorted(glob.glob(os.path.join(local_path, "*.safetensors"))):
         state.update(load_file(f))
-    state = {k: v for k, v in state.items() if ".mtp_layers." not in k}
+    mtp = {k: v.to(torch.float32) for k, v in state.items() if MTP_LAYER_KEY in k}
+    state = {k: v for k, v in state.items() if MTP_LAYER_KEY not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [m for m in missing if m != "lm_head.weight" or not config.tie_word_embeddings]:
         raise RuntimeError(f"MiMo trunk load: missing {missing}, unexpected {unexpected}")
-    return model
+    return model, mtp
 
 
 class CPURolloutServer:
@@ -83,7 +95,8 @@ class CPURolloutServer:
         self.model_config = model_config
         self.rollout_mode = rollout_mode
         self.replica_rank = replica_rank
-        self.model = _load_hf_causal_lm(model_config.local_path, getattr(model_config, "trust_remote_code", False))
+        self.model, self.mtp_weights = _load_hf_causal_lm(model_config.local_path,
+                                                          getattr(model_config, "trust_remote_code", False))
         self.model.eval()
         self._lock = threading.Lock()
         self._weights_version = 0
@@ -147,22 +160,40 @@ class CPURolloutServer:
                            extra_fields={"weights_version": self._weights_version})
 
     def update_weights(self, named_tensors: list, global_steps: Optional[int] = None) -> int:
-        """Load ``(hf_name, tensor)`` pairs into the HF model. Returns the number of tensors loaded."""
+        """Load ``(hf_name, tensor)`` pairs into the HF model and the held MTP layers. Returns the number of
+        tensors loaded; a name the served model does not have is an error (a sync must not drop weights)."""
         params = dict(self.model.named_parameters())
         loaded = 0
         with self._lock, torch.no_grad():
             for name, tensor in named_tensors:
-                if name not in params:
-                    if ".mtp_layers." in name:
-                        continue
+                if name in params:
+                    params[name].copy_(tensor.to(params[name].dtype))
+                elif name in self.mtp_weights:
+                    self.mtp_weights[name] = tensor.detach().to(torch.float32, copy=True)
+                else:
                     raise KeyError(f"hf_cpu rollout: unknown weight {name}")
-                params[name].copy_(tensor.to(params[name].dtype))
                 loaded += 1
             if getattr(self.model.config, "tie_word_embeddings", False):
                 self.model.tie_weights()
             self._weights_version += 1
             self._global_steps = global_steps
+            if os.environ.get(ROLLOUT_WEIGHTS_DIR):
+                self._write_served_weights(os.environ[ROLLOUT_WEIGHTS_DIR], global_steps)
         return loaded
+
+    def served_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight the server holds, by HF name: the sampling model's parameters and the MTP layers."""
+        weights = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        weights.update({name: t.clone() for name, t in self.mtp_weights.items()})
+        return weights
+
+    def _write_served_weights(self, directory: str, global_steps: Optional[int]) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"replica{self.replica_rank}_step{global_steps}.safetensors")
+        save_file(self.served_weights(), path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     # lifecycle no-ops (nothing to free on CPU)
     async def wake_up(self, *args, **kwargs):

@@ -41,6 +41,13 @@ update: on a single mini-batch per step lambda would be 0 by construction (the l
 mini-batches the first carries no signal and the other 3 calibrate. ``--carry-last-lambda`` additionally
 reuses the last informative lambda on signal-free micro-batches (verl-mtp's option, not the paper's).
 
+Parallel layout: ``--tp N`` (the actor's Megatron tensor parallelism) and ``--dp N`` (data-parallel ranks) run
+``tp x dp`` actor processes on gloo, each with its own ``hf_cpu`` rollout replica that receives the gathered
+weights (MTP layers included) at every sync; ``--dump-rollout-weights`` has each replica write what it serves
+after every sync to ``<workdir>/rollout_weights/replica<R>_step<N>.safetensors``, to check that against the
+checkpoints. A mini-batch's samples are split evenly over the ``dp`` ranks; with
+``--dp 2`` and ``--mode rl_occ``, OCC's sums are all-reduced over them (``occ.scope=data_parallel``).
+
 Learning rate: linear warm-up from lr/10 over ``--lr-warmup-steps`` (default 3, shortened to ``steps - 1`` for
 shorter runs, as the scheduler needs the warm-up to end before the last step).
 
@@ -66,7 +73,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from verl_cpu.environment import cpu_child_env, cpu_process_env
+from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR, cpu_child_env, cpu_process_env
 from verl_mtp_example import metrics_view as mv
 from verl_mtp_example import run_dir
 from verl_mtp_example.preparation import PreparationError, SftSettings, prepare
@@ -116,6 +123,8 @@ def prepare_run(args) -> Run:
         if moved:
             log(f"moved the previous run in {workdir} to {moved} (use --resume to continue it instead)")
     run = Run(workdir=workdir, log_file=os.path.join(workdir, "train.log"), env=trainer_env())
+    if args.dump_rollout_weights:
+        run.env[ROLLOUT_WEIGHTS_DIR] = os.path.join(workdir, "rollout_weights")
     prep_dir = os.path.abspath(args.prep_dir or os.path.join(workdir, "prep"))
     t0 = time.time()
     run.paths = prepare(prep_dir, args.mtp_layers, args.seed, SftSettings(args.sft_steps, args.sft_lr, args.sft_batch),
@@ -152,7 +161,8 @@ def train(args, run: Run) -> int:
     cmd = trainer_command(args, run.paths["model"], run.paths["data"], run.workdir)
     _record_command(run, cmd)
     log(f"verl PPO: algo={args.algo} mode={args.mode} K={args.mtp_layers} steps={args.steps} "
-        f"batch={args.batch}x{args.n} mini-batch={mini_batch(args)} lr={args.lr} model={run.paths['model']}")
+        f"batch={args.batch}x{args.n} mini-batch={mini_batch(args)} tp={args.tp} dp={args.dp} lr={args.lr} "
+        f"model={run.paths['model']}")
     log(f"metrics: {os.path.join(run.workdir, 'metrics.jsonl')}  full log: {run.log_file}")
     printer = StepPrinter(run.metrics_part, os.path.join(run.workdir, "rollouts"), args.steps, args.mtp_layers)
     thread = threading.Thread(target=printer.watch, daemon=True)
@@ -252,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32, help="prompts per step (data.train_batch_size)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (GRPO group size)")
     ap.add_argument("--mini-batch", type=int, default=None, help="prompts per mini-batch (default batch/4)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (default: a mini-batch)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="samples per micro-batch and rank (default: a rank's share of a mini-batch)")
+    ap.add_argument("--tp", type=int, default=1, help="actor tensor-parallel size (Megatron; world size tp x dp)")
+    ap.add_argument("--dp", type=int, default=1,
+                    help="data-parallel ranks (world size tp x dp; rl_occ then sums OCC over them)")
     ap.add_argument("--lr", type=float, default=1e-3, help="actor learning rate")
     ap.add_argument("--lr-warmup-steps", type=int, default=None,
                     help="linear warm-up from lr/10 over N steps (default: 3, at most steps - 1)")
@@ -266,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     ap.add_argument("--resume-from", default=None,
                     help="continue from this .../global_step_N checkpoint (any work dir's) instead")
+    ap.add_argument("--dump-rollout-weights", action="store_true",
+                    help="each rollout replica writes the weights it serves after every sync to "
+                         "<workdir>/rollout_weights/")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the trainer is stopped")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the trainer (after --)")
     return ap

@@ -13,7 +13,8 @@ import re
 import shutil
 from typing import Optional
 
-RUN_FILES = ("checkpoints", "rollouts", "metrics.jsonl", "curves.png", "summary.json", "command.txt", "train.log")
+RUN_FILES = ("checkpoints", "rollouts", "rollout_weights", "metrics.jsonl", "curves.png", "summary.json",
+             "command.txt", "train.log")
 # verl's checkpoint manager writes the number of the last complete checkpoint here (trainer.default_local_dir)
 LATEST_STEP_FILE = "latest_checkpointed_iteration.txt"
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")

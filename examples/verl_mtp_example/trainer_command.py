@@ -4,7 +4,7 @@ The fixed settings of the example live in YAML (``config/tiny_mimo_example/``): 
 platform's Megatron engine group (``verl_cpu/config/cpu_engine``) and one option of each of the example's groups
 ``algo`` (policy loss) and ``mode`` (MTP regime) on top of verl-mtp's primary config ``mtp_ppo_megatron_trainer``.
 This module only turns the launcher's switches into Hydra overrides on top of that: which options, paths, batch
-sizes, learning rate, seeds, steps. The user's own overrides (after ``--``) come last and win.
+sizes, learning rate, seeds, steps, parallel layout. The user's own overrides (after ``--``) come last and win.
 """
 
 from __future__ import annotations
@@ -33,9 +33,31 @@ def mini_batch(args) -> int:
     return args.mini_batch or max(1, args.batch // 4)
 
 
+def world_size(args) -> int:
+    """Trainer processes: ``--tp`` x ``--dp`` Megatron actor ranks (each also drives one rollout replica)."""
+    return args.tp * args.dp
+
+
+def rank_samples(args) -> int:
+    """Samples of one mini-batch that each data-parallel rank trains on."""
+    return mini_batch(args) * args.n // args.dp
+
+
 def micro_batch(args) -> int:
-    """Samples per micro-batch: ``--micro-batch``, else one whole mini-batch of samples."""
-    return args.micro_batch or mini_batch(args) * args.n
+    """Samples per micro-batch and rank: ``--micro-batch``, else a rank's whole share of a mini-batch."""
+    return args.micro_batch or rank_samples(args)
+
+
+def parallel_overrides(args) -> list[str]:
+    """The layout: ``--tp`` x ``--dp`` ranks on gloo, each a Ray logical "GPU" slot of the CPU platform, the
+    actor's tensor-parallel size, and OCC's sums all-reduced over the data-parallel group when there is one
+    (``occ.scope=data_parallel``: one lambda per micro-batch step for all ranks, as on one rank)."""
+    world = world_size(args)
+    overrides = [f"trainer.n_gpus_per_node={world}", f"ray_kwargs.ray_init.num_gpus={world}",
+                 f"{ACTOR}.megatron.tensor_model_parallel_size={args.tp}"]
+    if args.dp > 1 and args.mode == "rl_occ":
+        overrides.append(f"{MTP}.occ.scope=data_parallel")
+    return overrides
 
 
 def default_lr_warmup_steps(steps: int) -> int:
@@ -70,6 +92,7 @@ def switch_overrides(args, model: str, data: str, workdir: str) -> list[str]:
     return [
         f"{ALGO_GROUP}={args.algo}",
         *mode_overrides(args),
+        *parallel_overrides(args),
         f"data.train_files={data}/train.parquet",
         f"data.val_files={data}/val.parquet",
         f"data.train_batch_size={args.batch}",
@@ -86,7 +109,7 @@ def switch_overrides(args, model: str, data: str, workdir: str) -> list[str]:
         f"{ROLLOUT}.temperature={args.temperature}",
         f"{ROLLOUT}.top_k={args.top_k}",
         f"{ROLLOUT}.seed={args.seed}",
-        f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu={args.batch * args.n}",
+        f"{ROLLOUT}.log_prob_micro_batch_size_per_gpu={args.batch * args.n // args.dp}",
         f"trainer.total_training_steps={args.steps}",
         f"trainer.save_freq={args.save_freq if args.save_freq is not None else args.steps}",
         *resume_overrides(args),

@@ -25,13 +25,18 @@ from verl_mtp_example.trainer_command import (
     MODES,
     default_lr_warmup_steps,
     mini_batch,
+    rank_samples,
 )
 
 # switches that scripts/run_main.sh also takes from the environment
 _ENV_NAMES = {"steps": "STEPS", "mode": "MODE", "algo": "ALGO", "seed": "SEED", "workdir": "WORKDIR",
               "prep_dir": "PREP_DIR"}
-# trainer keys the launcher derives from its switches and reads back (checkpoints, rollout dumps, progress)
+# trainer keys the launcher derives from its switches: the layout, and what it reads back (checkpoints, rollout
+# dumps, progress)
 _LAUNCHER_KEYS = {
+    "trainer.n_gpus_per_node": "--tp / --dp",
+    "ray_kwargs.ray_init.num_gpus": "--tp / --dp",
+    f"{ACTOR}.megatron.tensor_model_parallel_size": "--tp",
     "trainer.total_training_steps": "--steps",
     "trainer.resume_mode": "--resume / --resume-from",
     "trainer.resume_from_path": "--resume-from",
@@ -104,6 +109,8 @@ _MINIMUMS = (  # (switch, smallest legal value, why)
     ("sft_steps", 0, "0 skips the warm-up"),
     ("sft_batch", 1, "prompts per SFT step"),
     ("save_freq", 1, "steps between checkpoints"),
+    ("tp", 1, "tensor-parallel size"),
+    ("dp", 1, "data-parallel ranks"),
 )
 
 
@@ -130,9 +137,29 @@ def check_batches(args) -> None:
         raise UsageError(f"--batch {args.batch} must be a multiple of the mini-batch {mini} (--mini-batch, "
                          f"default batch/4): e.g. --batch {mini * max(1, args.batch // mini)}")
     samples = mini * args.n
-    if args.micro_batch is not None and (args.micro_batch < 1 or samples % args.micro_batch):
-        raise UsageError(f"--micro-batch {args.micro_batch} must divide the {samples} samples of a mini-batch "
-                         f"(--mini-batch {mini} x --n {args.n}), e.g. --micro-batch {samples}")
+    if samples % args.dp:
+        raise UsageError(f"--dp {args.dp} must divide the {samples} samples of a mini-batch (--mini-batch {mini} x "
+                         f"--n {args.n}): each data-parallel rank trains an equal share; e.g. --n "
+                         f"{args.n * args.dp}, or a --dp that divides {samples}")
+    per_rank = rank_samples(args)
+    if args.micro_batch is not None and (args.micro_batch < 1 or per_rank % args.micro_batch):
+        share = f" per data-parallel rank (--dp {args.dp})" if args.dp > 1 else ""
+        raise UsageError(f"--micro-batch {args.micro_batch} must divide the {per_rank} samples of a mini-batch"
+                         f"{share} (--mini-batch {mini} x --n {args.n}), e.g. --micro-batch {per_rank}")
+
+
+def check_tensor_parallel(args) -> None:
+    """Megatron splits attention heads (query and key/value) over the tensor-parallel ranks."""
+    if args.tp == 1:
+        return
+    from verl_mtp_example.tiny_model import tiny_mimo_config
+
+    config = tiny_mimo_config(args.mtp_layers)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % args.tp or kv_heads % args.tp:
+        fits = [tp for tp in range(1, kv_heads + 1) if kv_heads % tp == 0 and heads % tp == 0]
+        raise UsageError(f"--tp {args.tp} must divide the tiny model's {heads} attention heads and {kv_heads} "
+                         f"key/value heads (Megatron splits them over the tensor-parallel ranks): use --tp in {fits}")
 
 
 def check_schedule(args) -> None:
@@ -242,8 +269,8 @@ def check_overrides(args, overrides: dict[str, tuple[str, Any]]) -> None:
             raise UsageError(f"'{overrides[group][0]}' after --: choose it with {switch(name)} instead")
     for key, owner in _LAUNCHER_KEYS.items():
         if key in overrides:
-            raise UsageError(f"'{overrides[key][0]}' after --: the launcher sets {key} from {owner} and reads "
-                             f"its output back; use {owner} instead")
+            raise UsageError(f"'{overrides[key][0]}' after --: the launcher sets {key} from {owner} (and reads "
+                             f"back what it needs of its own output); use {owner} instead")
     for group, name in ((MODE_GROUP, "mode"), (ALGO_GROUP, "algo")):
         chosen = getattr(args, name)
         for key, expected in option_settings(group, chosen).items():
@@ -279,8 +306,8 @@ def occ_updates_warning(args, overrides: dict) -> Optional[str]:
             f"section 4); use a smaller --mini-batch, e.g. --mini-batch {max(1, batch // 4)}")
 
 
-RULES: tuple[Callable, ...] = (check_ranges, check_batches, check_schedule, check_answer_length,
-                               check_mode_switches, check_dirs, check_resume)
+RULES: tuple[Callable, ...] = (check_ranges, check_batches, check_tensor_parallel, check_schedule,
+                               check_answer_length, check_mode_switches, check_dirs, check_resume)
 WARNINGS: tuple[Callable, ...] = (occ_updates_warning,)
 
 

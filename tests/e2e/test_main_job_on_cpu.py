@@ -14,67 +14,10 @@ Runs (most of each is Ray and worker start-up; one prepared model/data/SFT direc
 
 from __future__ import annotations
 
-import glob
 import json
-import math
-import os
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from verl_mtp_example import launch
-from verl_mtp_example.metrics_view import read_metrics
-
-SFT_STEPS = "40"  # enough for bare-integer answers (non-zero, varied rewards)
-RUN_TIMEOUT = "600"
-
-
-def _launch(workdir, prep_dir, *args, overrides=()):
-    argv = ["--workdir", str(workdir), "--prep-dir", str(prep_dir), "--sft-steps", SFT_STEPS,
-            "--timeout", RUN_TIMEOUT, *args]
-    if overrides:
-        argv += ["--", *overrides]
-    rc = launch.main(argv)
-    log = os.path.join(workdir, "train.log")
-    if rc != 0 and os.path.exists(log):
-        with open(log, errors="replace") as f:
-            tail = "".join(f.readlines()[-60:])
-        pytest.fail(f"launcher exited {rc}; tail of {log}:\n{tail}")
-    return read_metrics(os.path.join(workdir, "metrics.jsonl"))
-
-
-def _hf(path):
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    assert files, f"no safetensors under {path}"
-    weights = {}
-    for f in files:
-        weights.update(load_file(f))
-    return weights
-
-
-def _ckpt_hf(workdir, step):
-    return _hf(os.path.join(workdir, "checkpoints", f"global_step_{step}", "actor", "model", "huggingface"))
-
-
-def _initial(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return _hf(json.load(f)["paths"]["model"])
-
-
-def _is_mtp(name):
-    return ".mtp_layers." in name
-
-
-def _finite(metrics, key):
-    assert key in metrics, f"{key} not logged; logged: {sorted(k for k in metrics if k.startswith('actor/'))}"
-    value = float(metrics[key])
-    assert math.isfinite(value), f"{key} = {value}"
-    return value
-
-
-def _changed(a, b, names):
-    return [n for n in names if not torch.equal(a[n], b[n])]
+from support.main_job import SAME_ROLLOUTS, changed, checkpoint_hf, finite, initial_hf, is_mtp, run_launcher
 
 
 @pytest.fixture(scope="module")
@@ -87,52 +30,49 @@ def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-# Greedy (top-k 1) rollouts with one sample per prompt make the two runs see the same tokens (the hf_cpu
-# rollout's sampling is not seeded per request); GRPO gives a single-sample group the advantage
-# (score - 0) / 1, so the trunk still gets a real policy-gradient update. clip_grad is lifted because
+# SAME_ROLLOUTS: greedy rollouts, one sample per prompt (support.main_job). clip_grad is lifted because
 # Megatron's global-norm clipping includes the MTP parameters' gradients: with detach's MTP CE gradients
 # in the norm the clip factor differs and so does the (otherwise identical) trunk update.
-_SAME_ROLLOUTS = ["--steps", "2", "--batch", "8", "--n", "1", "--top-k", "1", "--lr-warmup-steps", "0"]
 _NO_CLIP = ["actor_rollout_ref.actor.optim.clip_grad=1e6"]
 
 
 @pytest.fixture(scope="module")
 def detach_run(prep_dir, runs_dir):
     workdir = runs_dir / "detach"
-    return workdir, _launch(workdir, prep_dir, "--mode", "detach", *_SAME_ROLLOUTS, overrides=_NO_CLIP)
+    return workdir, run_launcher(workdir, prep_dir, "--mode", "detach", *SAME_ROLLOUTS, overrides=_NO_CLIP)
 
 
 @pytest.fixture(scope="module")
 def frozen_run(prep_dir, runs_dir):
     workdir = runs_dir / "frozen"
-    return workdir, _launch(workdir, prep_dir, "--mode", "frozen", *_SAME_ROLLOUTS, overrides=_NO_CLIP)
+    return workdir, run_launcher(workdir, prep_dir, "--mode", "frozen", *SAME_ROLLOUTS, overrides=_NO_CLIP)
 
 
 # rl_occ, DAPO, deterministic rollouts (as above) so that a resumed run can be compared bit for bit with
 # the uninterrupted one. occ.uninformative_drl=0.01 marks the first mini-batch of a step (no update yet:
 # log pi - log pi_old is only bf16 recompute noise) as signal-free, so with carry_last_lambda its lambda
 # comes from the OCC state, which a resume must therefore restore too.
-_OCC = ["--mode", "rl_occ", "--algo", "dapo", "--carry-last-lambda", *_SAME_ROLLOUTS]
+_OCC = ["--mode", "rl_occ", "--algo", "dapo", "--carry-last-lambda", *SAME_ROLLOUTS]
 _OCC_OVERRIDES = ["actor_rollout_ref.model.mtp.occ.uninformative_drl=0.01"]
 
 
 @pytest.fixture(scope="module")
 def occ_run(prep_dir, runs_dir):
     workdir = runs_dir / "rl_occ"
-    return workdir, _launch(workdir, prep_dir, *_OCC, "--save-freq", "1", overrides=_OCC_OVERRIDES)
+    return workdir, run_launcher(workdir, prep_dir, *_OCC, "--save-freq", "1", overrides=_OCC_OVERRIDES)
 
 
 def test_detach_two_steps_trains_the_mtp_head(detach_run):
     workdir, metrics = detach_run
     assert sorted(metrics) == [1, 2]
     for step in (1, 2):
-        _finite(metrics[step], "actor/pg_loss")
-        _finite(metrics[step], "critic/score/mean")
-        assert _finite(metrics[step], "actor/mtp_losses/mtp_1_loss") > 0
-    initial, trained = _initial(workdir), _ckpt_hf(workdir, 2)
+        finite(metrics[step], "actor/pg_loss")
+        finite(metrics[step], "critic/score/mean")
+        assert finite(metrics[step], "actor/mtp_losses/mtp_1_loss") > 0
+    initial, trained = initial_hf(workdir), checkpoint_hf(workdir, 2)
     assert set(initial) == set(trained)
-    mtp = [n for n in initial if _is_mtp(n)]
-    assert mtp and _changed(initial, trained, mtp), "detach: MTP weights identical to the initial ones"
+    mtp = [n for n in initial if is_mtp(n)]
+    assert mtp and changed(initial, trained, mtp), "detach: MTP weights identical to the initial ones"
     assert (workdir / "curves.png").stat().st_size > 10_000
 
 
@@ -144,30 +84,30 @@ def test_detach_leaves_the_trunk_exactly_as_mtp_off(detach_run, frozen_run):
     for step in (1, 2):  # same rollouts, same policy loss
         assert d_metrics[step]["critic/score/mean"] == f_metrics[step]["critic/score/mean"]
         assert d_metrics[step]["actor/pg_loss"] == f_metrics[step]["actor/pg_loss"]
-    initial, detach, frozen = _initial(d_dir), _ckpt_hf(d_dir, 2), _ckpt_hf(f_dir, 2)
-    trunk = [n for n in initial if not _is_mtp(n)]
-    mtp = [n for n in initial if _is_mtp(n)]
-    assert _changed(initial, frozen, trunk), "the RL update did not change the trunk at all"
-    assert not _changed(detach, frozen, trunk), "detach changed the trunk differently from MTP-off"
-    assert not _changed(initial, frozen, mtp), "frozen MTP layers changed"
-    assert _changed(initial, detach, mtp)
+    initial, detach, frozen = initial_hf(d_dir), checkpoint_hf(d_dir, 2), checkpoint_hf(f_dir, 2)
+    trunk = [n for n in initial if not is_mtp(n)]
+    mtp = [n for n in initial if is_mtp(n)]
+    assert changed(initial, frozen, trunk), "the RL update did not change the trunk at all"
+    assert not changed(detach, frozen, trunk), "detach changed the trunk differently from MTP-off"
+    assert not changed(initial, frozen, mtp), "frozen MTP layers changed"
+    assert changed(initial, detach, mtp)
 
 
 def test_rl_occ_dapo_two_steps_calibrates_and_trains_the_head(occ_run):
     workdir, metrics = occ_run
     assert sorted(metrics) == [1, 2]
     for step in (1, 2):
-        _finite(metrics[step], "actor/pg_loss")
-        _finite(metrics[step], "actor/mtp_pg_loss")
-        _finite(metrics[step], "actor/mtp_1/lambda")
-        assert 0.0 <= _finite(metrics[step], "actor/mtp_1/top1_agreement") <= 1.0
-        assert _finite(metrics[step], "actor/mtp_1/occ_dmtp_sq_sum") > 0
+        finite(metrics[step], "actor/pg_loss")
+        finite(metrics[step], "actor/mtp_pg_loss")
+        finite(metrics[step], "actor/mtp_1/lambda")
+        assert 0.0 <= finite(metrics[step], "actor/mtp_1/top1_agreement") <= 1.0
+        assert finite(metrics[step], "actor/mtp_1/occ_dmtp_sq_sum") > 0
         # 4 mini-batches per step: the first is signal-free (carried lambda), the other 3 calibrate
         assert 0.0 < metrics[step]["actor/mtp_1/lambda_informative"] < 1.0
     assert any(abs(metrics[s]["actor/mtp_1/lambda"]) > 0 for s in (1, 2))
-    initial, trained = _initial(workdir), _ckpt_hf(workdir, 2)
-    mtp = [n for n in initial if _is_mtp(n)]
-    assert _changed(initial, trained, mtp), "rl_occ: MTP weights identical to the initial ones"
+    initial, trained = initial_hf(workdir), checkpoint_hf(workdir, 2)
+    mtp = [n for n in initial if is_mtp(n)]
+    assert changed(initial, trained, mtp), "rl_occ: MTP weights identical to the initial ones"
     for step in (1, 2):
         actor = workdir / "checkpoints" / f"global_step_{step}" / "actor"
         assert (actor / "model" / "dist_ckpt").is_dir()
@@ -182,34 +122,34 @@ def test_resume_from_step_1_continues_exactly(occ_run, prep_dir, runs_dir):
     loader position and OCC's carried lambda all restored."""
     src_dir, src_metrics = occ_run
     workdir = runs_dir / "resumed"
-    metrics = _launch(workdir, prep_dir, *_OCC, "--resume-from", str(src_dir / "checkpoints" / "global_step_1"),
-                      overrides=_OCC_OVERRIDES)
+    metrics = run_launcher(workdir, prep_dir, *_OCC, "--resume-from",
+                           str(src_dir / "checkpoints" / "global_step_1"), overrides=_OCC_OVERRIDES)
     assert sorted(metrics) == [2], "the resumed run must continue at global step 2"
     assert metrics[2]["training/global_step"] == 2
     for key in ("critic/score/mean", "actor/pg_loss", "actor/mtp_pg_loss", "actor/mtp_1/lambda",
                 "actor/mtp_1/lambda_informative"):
         assert metrics[2][key] == src_metrics[2][key], key
 
-    initial, step1, uninterrupted = _initial(src_dir), _ckpt_hf(src_dir, 1), _ckpt_hf(src_dir, 2)
-    resumed = _ckpt_hf(workdir, 2)
-    mtp = [n for n in initial if _is_mtp(n)]
-    assert _changed(initial, step1, mtp), "step 1 did not change the MTP weights"
-    assert _changed(step1, uninterrupted, mtp), "step 2 did not change the MTP weights"
-    assert not _changed(uninterrupted, resumed, list(initial)), "resumed step 2 differs from the uninterrupted one"
+    initial, step1, uninterrupted = initial_hf(src_dir), checkpoint_hf(src_dir, 1), checkpoint_hf(src_dir, 2)
+    resumed = checkpoint_hf(workdir, 2)
+    mtp = [n for n in initial if is_mtp(n)]
+    assert changed(initial, step1, mtp), "step 1 did not change the MTP weights"
+    assert changed(step1, uninterrupted, mtp), "step 2 did not change the MTP weights"
+    assert not changed(uninterrupted, resumed, list(initial)), "resumed step 2 differs from the uninterrupted one"
 
 
 def test_gspo_rl_occ_with_two_mtp_heads_in_a_one_step_run(prep_dir, runs_dir):
     workdir = runs_dir / "gspo_k2"
-    metrics = _launch(workdir, prep_dir, "--mode", "rl_occ", "--algo", "gspo", "--mtp-layers", "2", "--steps",
-                      "1", "--batch", "8", "--n", "4")
+    metrics = run_launcher(workdir, prep_dir, "--mode", "rl_occ", "--algo", "gspo", "--mtp-layers", "2",
+                           "--steps", "1", "--batch", "8", "--n", "4")
     assert sorted(metrics) == [1]
-    _finite(metrics[1], "actor/pg_loss")
-    _finite(metrics[1], "actor/mtp_pg_loss")
+    finite(metrics[1], "actor/pg_loss")
+    finite(metrics[1], "actor/mtp_pg_loss")
     for head in (1, 2):
-        _finite(metrics[1], f"actor/mtp_{head}/lambda")
-        _finite(metrics[1], f"actor/mtp_{head}/top1_agreement")
+        finite(metrics[1], f"actor/mtp_{head}/lambda")
+        finite(metrics[1], f"actor/mtp_{head}/top1_agreement")
     assert (workdir / "curves.png").stat().st_size > 10_000
-    initial, trained = _initial(workdir), _ckpt_hf(workdir, 1)
+    initial, trained = initial_hf(workdir), checkpoint_hf(workdir, 1)
     for j in (0, 1):
         head = [n for n in initial if f".mtp_layers.{j}." in n]
-        assert head and _changed(initial, trained, head), f"MTP layer {j} unchanged"
+        assert head and changed(initial, trained, head), f"MTP layer {j} unchanged"

@@ -79,6 +79,19 @@ REFUSED = {
                           "--algo (ALGO) dapo sets actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"),
     "override-mode-group": (["--", "tiny_mimo_example/mode=ce"], "choose it with --mode (MODE) instead"),
     "override-launcher-key": (["--", "trainer.total_training_steps=5"], "use --steps instead"),
+    "tp-zero": (["--tp", "0"], "--tp must be >= 1"),
+    "dp-zero": (["--dp", "0"], "--dp must be >= 1"),
+    "dp-not-dividing-mini-batch": (["--batch", "8", "--n", "1", "--dp", "4"],
+                                   "--dp 4 must divide the 2 samples of a mini-batch (--mini-batch 2 x --n 1)"),
+    "micro-batch-not-dividing-rank-share": (["--batch", "8", "--n", "4", "--dp", "2", "--micro-batch", "8"],
+                                            "--micro-batch 8 must divide the 4 samples of a mini-batch per "
+                                            "data-parallel rank (--dp 2)"),
+    "tp-not-dividing-heads": (["--tp", "4"], "--tp 4 must divide the tiny model's 4 attention heads and 2 "
+                                             "key/value heads (Megatron splits them over the tensor-parallel "
+                                             "ranks): use --tp in [1, 2]"),
+    "override-world-size": (["--dp", "2", "--", "trainer.n_gpus_per_node=4"], "use --tp / --dp instead"),
+    "override-actor-tp": (["--", "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"],
+                          "use --tp instead"),
 }
 
 
@@ -113,6 +126,9 @@ ACCEPTED = {
     "carry-occ": ["--mode", "rl_occ", "--carry-last-lambda", "--mtp-layers", "2"],
     "resume-with-checkpoint": ["--resume", "--steps", "5"],
     "e2e-greedy": ["--steps", "2", "--batch", "8", "--n", "1", "--top-k", "1", "--lr-warmup-steps", "0"],
+    "e2e-dp2": ["--dp", "2", "--steps", "2", "--batch", "8", "--n", "1", "--top-k", "1", "--lr-warmup-steps", "0"],
+    "e2e-tp2": ["--tp", "2", "--steps", "2", "--batch", "8", "--n", "1", "--top-k", "1", "--lr-warmup-steps", "0"],
+    "tp2-dp2": ["--tp", "2", "--dp", "2", "--batch", "16", "--n", "2"],
 }
 
 
@@ -184,6 +200,24 @@ def test_switches_and_user_overrides_land_in_the_config():
     assert (config.trainer.total_training_steps, config.trainer.save_freq, config.data.seed) == (7, 7, 5)
     assert actor.optim.lr == 5e-4  # the user's override after -- wins over --lr
     assert config.reward.custom_reward_function.path == "pkg://verl_mtp_example.arithmetic_task"
+
+
+@pytest.mark.parametrize("mode,scope", [("rl_occ", "data_parallel"), ("rl", "micro_batch")])
+def test_tp_and_dp_set_the_world_the_actor_layout_and_per_rank_batches(mode, scope):
+    config = _trainer_config("--mode", mode, "--tp", "2", "--dp", "2", "--batch", "16", "--n", "2")
+    actor = config.actor_rollout_ref.actor
+    assert (config.trainer.n_gpus_per_node, config.ray_kwargs.ray_init.num_gpus) == (4, 4)
+    assert actor.megatron.tensor_model_parallel_size == 2
+    # a mini-batch of 4 prompts x 2 samples, split over 2 data-parallel ranks
+    assert (actor.ppo_mini_batch_size, actor.ppo_micro_batch_size_per_gpu) == (4, 4)
+    assert config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu == 16
+    assert config.actor_rollout_ref.model.mtp.occ.scope == scope  # OCC over the data-parallel group
+
+
+def test_occ_scope_override_wins_over_the_dp_default():
+    config = _trainer_config("--dp", "2", "--", "actor_rollout_ref.model.mtp.occ.scope=micro_batch")
+    assert config.actor_rollout_ref.model.mtp.occ.scope == "micro_batch"
+    assert _trainer_config().actor_rollout_ref.model.mtp.occ.scope == "micro_batch"  # one rank: verl-mtp's default
 
 
 # ---------------------------------------------------------------------------------------------------------
