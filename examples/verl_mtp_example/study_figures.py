@@ -81,7 +81,9 @@ def decomposition_figure(out: str, runs: dict) -> str:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+    axes[0].set_yscale("symlog", linthresh=1.0)  # per-update gradient statistics have heavy tails
     axes[1].set_yscale("log")
+    axes[3].set_yscale("symlog", linthresh=0.1)
     fig.suptitle("The paper's decomposition measured: exact gradient statistics of head 1 on diagnosed updates")
     return _save(fig, os.path.join(out, "decomposition.png"))
 

@@ -85,11 +85,12 @@ def _cell(stat: tuple, spec: str = ".3f") -> str:
 
 
 def table_markdown(rows: list[dict], seeds: list[int]) -> str:
-    head = (f"| regime | steps | final reward | reward, last {LAST_N} | exact, last {LAST_N} | "
+    head = (f"| regime | seeds | steps | final reward | reward, last {LAST_N} | exact, last {LAST_N} | "
             f"top-1 agreement, last {LAST_N} | last-{LAST_N} reward - detach (paired) | s/step |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['steps']} | {_cell(r['final_reward'])} | {_cell(r['reward_last_n'])} | "
+        lines.append(f"| {r['regime']} | {r['final_reward'][2]} | {r['steps']} | {_cell(r['final_reward'])} | "
+                     f"{_cell(r['reward_last_n'])} | "
                      f"{_cell(r['exact_last_n'])} | {_cell(r['top1_last_n'])} | "
                      f"{_cell(r['reward_last_n_minus_detach'], '+.3f')} | {_cell(r['seconds_per_step'], '.1f')} |")
     lines.append(f"\nmean +- std over seeds {seeds} (sample std); the paired difference subtracts detach's run of "
