@@ -29,11 +29,6 @@ RANKS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("prep")
-
-
-@pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 

@@ -21,11 +21,6 @@ from support.main_job import SAME_ROLLOUTS, changed, checkpoint_hf, finite, init
 
 
 @pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("prep")
-
-
-@pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 

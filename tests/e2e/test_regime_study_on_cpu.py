@@ -12,9 +12,10 @@ import os
 from verl_mtp_example import study
 
 
-def test_reduced_study_runs_reports_and_resumes(tmp_path, capfd):
+def test_reduced_study_runs_reports_and_resumes(tmp_path, prep_dir, capfd):
     out = tmp_path / "study"
-    assert study.main(["--reduced", "--out", str(out)]) == 0
+    args = ["--reduced", "--out", str(out), "--prep-dir", str(prep_dir)]  # the e2e tests' shared SFT warm-up
+    assert study.main(args) == 0
     with open(out / "results.json") as f:
         results = json.load(f)
     rows = {r["regime"]: r for r in results["rows"]}
@@ -24,5 +25,5 @@ def test_reduced_study_runs_reports_and_resumes(tmp_path, capfd):
     for name in ("table.md", "reward.png", "decomposition.png", "lambda_scatter.png"):
         assert os.path.getsize(out / name) > 0, name
     capfd.readouterr()
-    assert study.main(["--reduced", "--out", str(out)]) == 0
+    assert study.main(args) == 0
     assert "2/2 runs finished earlier, 0 to go" in capfd.readouterr().out
