@@ -4,6 +4,8 @@
   last :data:`LAST_N` steps, the exact-answer rate and head-1 top-1 agreement over the same steps, the
   paired difference of the last-N reward to ``detach`` (same seed), and the median step time;
 * ``reward.png``: reward and top-1 agreement per regime over training, mean with a +-std band over seeds;
+* the second table of ``table.md``: ``c``, ``v^2`` and their cosine over the first and the second half of training
+  (does the first-order term decay while the second-order one persists?);
 * ``decomposition.png``: the paper's two terms over training for the ``rl`` regimes, ``c = <g_RL, g_MTP>``
   and ``v^2 = ||g_MTP||^2`` (exact, from the gradient diagnostics), their cosine, and lambda;
 * ``lambda_scatter.png``: the proxy's lambda against the exact one of the same updates, with their Pearson
@@ -98,6 +100,37 @@ def table_markdown(rows: list[dict], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def halves(seeds: dict[int, dict[int, dict]], key: str) -> tuple[Optional[float], Optional[float]]:
+    """Mean of a metric over the first and the second half of the steps, all seeds pooled: does it decay?"""
+    steps = sorted({s for run in seeds.values() for s in run})
+    if not steps:
+        return None, None
+    middle = steps[len(steps) // 2]
+    early = [v for run in seeds.values() for s, v in series(run, key).items() if s < middle]
+    late = [v for run in seeds.values() for s, v in series(run, key).items() if s >= middle]
+    return (float(np.mean(early)) if early else None), (float(np.mean(late)) if late else None)
+
+
+def decomposition_rows(runs: dict) -> list[dict]:
+    """Per diagnosed regime, ``c``, ``v^2`` and their cosine over the first and the second half of training."""
+    rows = []
+    for regime, seeds in runs.items():
+        if any(series(run, GRAD_C) for run in seeds.values()):
+            rows.append({"regime": regime, **{name: halves(seeds, key) for name, key in
+                                               (("c", GRAD_C), ("v2", GRAD_V2), ("cos", GRAD_COS))}})
+    return rows
+
+
+def decomposition_markdown(rows: list[dict]) -> str:
+    def pair(x):
+        return " -> ".join("-" if v is None else f"{v:.3g}" for v in x)
+
+    lines = ["| regime | c = <g_RL, g_MTP>, first half -> second half | v^2 = ||g_MTP||^2 | cos(g_RL, g_MTP) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['regime']} | {pair(r['c'])} | {pair(r['v2'])} | {pair(r['cos'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def lambda_pairs(runs: dict) -> dict[str, tuple[list[float], list[float]]]:
     """Per regime, (exact, proxy) lambda of every diagnosed step of every seed."""
     pairs = {}
@@ -145,10 +178,12 @@ def write_report(out: str, regimes: list[str], seeds: list[int], steps: int, sec
     all_exact = [x for e, _ in pairs.values() for x in e]
     all_proxy = [y for _, p in pairs.values() for y in p]
     lam = {"all": correlations(all_exact, all_proxy), **{r: correlations(*p) for r, p in pairs.items()}}
-    table = table_markdown(rows, seeds)
+    decomposition = decomposition_rows(runs)
+    table = table_markdown(rows, seeds) + "\n" + decomposition_markdown(decomposition)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
-    results = {"rows": rows, "lambda_correlation": lam, "seeds": seeds, "steps": steps, "study_seconds": seconds}
+    results = {"rows": rows, "decomposition": decomposition, "lambda_correlation": lam, "seeds": seeds,
+               "steps": steps, "study_seconds": seconds}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     figures = study_figures.draw_all(out, runs, pairs, lam)

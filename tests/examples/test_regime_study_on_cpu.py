@@ -96,7 +96,13 @@ def test_report_table_and_correlations_match_a_hand_computation(tmp_path):
     assert lam["rl_occ"]["n"] == 8 and lam["rl_occ"]["pearson"] == pytest.approx(1.0)  # proxy = 0.5 exact + 0.1
     assert lam["rl_occ"]["spearman"] == pytest.approx(1.0) and "detach" not in lam
     with open(tmp_path / "table.md") as f:
-        assert f.read().count("\n| ") == 2  # one row per regime under the header
+        rows = [ln for ln in f.read().splitlines() if ln.startswith("| ") and not ln.startswith("| regime")]
+    assert [r.split(" |")[0] for r in rows] == ["| detach", "| rl_occ", "| rl_occ"]  # both tables; 1 diagnosed
+    (decomposition,) = report["results"]["decomposition"]
+    for name, key in (("c", study_report.GRAD_C), ("v2", study_report.GRAD_V2)):
+        early = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (2, 4)]  # steps before the middle (5)
+        late = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (6, 8)]
+        assert decomposition[name] == pytest.approx((np.mean(early), np.mean(late)))
     for png in report["figures"]:
         assert os.path.getsize(png) > 10_000, png
 
