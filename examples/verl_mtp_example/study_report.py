@@ -125,7 +125,8 @@ def decomposition_markdown(rows: list[dict]) -> str:
     def pair(x):
         return " -> ".join("-" if v is None else f"{v:.3g}" for v in x)
 
-    lines = ["| regime | c = <g_RL, g_MTP>, first half -> second half | v^2 = ||g_MTP||^2 | cos(g_RL, g_MTP) |",
+    lines = ["| regime | c = <g_RL, g_MTP>, first half -> second half | v^2, squared norm of g_MTP "
+             "| cos(g_RL, g_MTP) |",
              "|---|---|---|---|"]
     lines += [f"| {r['regime']} | {pair(r['c'])} | {pair(r['v2'])} | {pair(r['cos'])} |" for r in rows]
     return "\n".join(lines) + "\n"
