@@ -14,6 +14,7 @@ import pytest
 
 import verl  # noqa: F401  (import verl before verl_mtp: verl's plugin loader imports verl_mtp's engine)
 from verl_mtp.workers.config import MtpRLConfig
+from verl_mtp.workers.engine.megatron.mtp_engine_hooks import check_mtp_rl_layout
 from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineWithLMHead
 
 
@@ -27,7 +28,7 @@ def bare_engine(mtp_loss_type="rl", context_parallel_size=2, **engine):
 def test_rl_with_dynamic_context_parallel_fails_at_start_up_with_a_clear_error():
     engine = bare_engine(context_parallel_size=2, dynamic_context_parallel=True)
     with pytest.raises(NotImplementedError, match=r"mtp_loss_type=rl does not support .*dynamic_context_parallel=True"):
-        engine._check_mtp_rl_layout()
+        check_mtp_rl_layout(engine)
     # initialize() runs the check first: it fails before verl's engine builds anything
     advice = r"dynamic_context_parallel=False with context_parallel_size > 1.*mtp_loss_type=detach"
     with pytest.raises(NotImplementedError, match=advice):
@@ -41,7 +42,7 @@ def test_the_unbound_check_on_a_plain_stand_in():
         engine_config=SimpleNamespace(context_parallel_size=1, dynamic_context_parallel=True),
     )
     with pytest.raises(NotImplementedError, match="dynamic_context_parallel"):
-        MegatronMTPEngineWithLMHead._check_mtp_rl_layout(stand_in)
+        check_mtp_rl_layout(stand_in)
 
 
 @pytest.mark.parametrize(
@@ -49,4 +50,4 @@ def test_the_unbound_check_on_a_plain_stand_in():
     [("rl", 1, False), ("rl", 2, False), ("rl", 4, False), ("detach", 2, True), ("ce", 2, True), (None, 2, True)],
 )
 def test_other_layouts_and_regimes_pass_the_check(mtp_loss_type, cp, dynamic):
-    bare_engine(mtp_loss_type, cp, dynamic_context_parallel=dynamic)._check_mtp_rl_layout()
+    check_mtp_rl_layout(bare_engine(mtp_loss_type, cp, dynamic_context_parallel=dynamic))

@@ -31,9 +31,6 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         super().initialize()
         mtp_engine_hooks.install_mtp_rl(self)
 
-    def _check_mtp_rl_layout(self):
-        mtp_engine_hooks.check_mtp_rl_layout(self)
-
     def _build_tf_config(self):
         super()._build_tf_config()
         mtp_engine_hooks.adapt_bridge(self)
