@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmark's reading
+from benchmarks.mtp_actor_step import RatioSpread  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -168,7 +171,8 @@ def check_paths(model, batch, args, bf16: bool) -> None:
 
 
 def time_paths(model, batch, args, device) -> None:
-    """Interleaved rounds of both paths; median per-round ratio chunked / output layer, and peak memory."""
+    """Interleaved rounds of both paths: the per-round ratio chunked / output layer with its spread, read as
+    the actor-step benchmark reads it, and the peak memory."""
     times = {0: [], args.chunk: []}
     peaks = {}
     for r in range(args.rounds):
@@ -185,8 +189,7 @@ def time_paths(model, batch, args, device) -> None:
             times[chunk].append(time.perf_counter() - start)
             grads_of(model)
             hook.unpatch()
-    ratios = [c / m for c, m in zip(times[args.chunk], times[0])]
-    print(f"ratio step_time rl_chunked/rl_output_layer: {statistics.median(ratios):.3f}")
+    print(f"ratio step_time rl_chunked/rl_output_layer: {RatioSpread.of(times[args.chunk], times[0])}")
     if peaks:
         print(f"ratio peak_mem rl_chunked/rl_output_layer: {peaks[args.chunk] / peaks[0]:.3f}")
 

@@ -1,9 +1,16 @@
-"""Chunked sampled-token log-probs against the materialised log-softmax: values, top-1 and gradients."""
+"""Chunked sampled-token log-probs against the materialised log-softmax: values, top-1 and gradients; and the
+shape of every product a head makes with the vocabulary, on both paths."""
 
 import pytest
 import torch
+from support.mtp_batches import bshd_head_labels
+from support.mtp_reference import apply_regime, main_labels
+from torch.utils._python_dispatch import TorchDispatchMode
+from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
-from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs
+from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
+from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs, score_mtp_heads
+from verl_mtp.workers.config import MtpRLConfig
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
@@ -42,3 +49,45 @@ def test_detached_weight_gets_no_gradient_and_hidden_still_does():
     lp, _ = chunked_token_log_probs(hidden, weight, torch.randint(0, 9, (4, 1)), torch.ones(4, 1), 3)
     lp.sum().backward()
     assert hidden.grad is not None and torch.count_nonzero(hidden.grad) > 0
+
+
+class VocabProducts(TorchDispatchMode):
+    """Every matrix product with the vocabulary as one of its dimensions, by operator name."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.ops = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "bmm", "matmul", "addmm", "baddbmm") and any(
+            isinstance(a, torch.Tensor) and self.vocab in a.shape for a in args
+        ):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train_lm_head", [False, True])
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, train_lm_head):
+    """Forward, input gradient and (trained lm_head) weight gradient of a head: 2-D products, never a batched one.
+
+    Before the materialised path scored a 2-D view, its temperature division laid the logits out with the
+    size-1 batch dimension outermost (b = 1, verl's packed micro-batches); with the lm_head frozen (the default)
+    torch.matmul could not fold that layout, and the output layer's backward multiplied against ``s`` copies
+    of the weight: 2.0-2.6x detach's whole step on the benchmark's shapes.
+    """
+    vocab, s = 53, 9
+    model = build_tiny_gpt(1, vocab_size=vocab, seed=3)
+    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    apply_regime(model, cfg)
+    ids = torch.randint(1, vocab, (b, s))
+    prepare_mtp_loss_tracker(1)
+    model(ids, torch.arange(s).expand(b, s).contiguous(), causal_attention_mask(b, s), labels=main_labels(ids, [s] * b))
+    out = model._postprocess.pop_output()
+    with VocabProducts(vocab) as products:
+        scored = score_mtp_heads(out, bshd_head_labels(ids, [s] * b, 1), torch.full((b, s), 0.7))
+        (scored[mtp_output_keys(1)[0]] * torch.rand(b, s)).sum().backward()  # a [b, s] upstream, as verl's loss
+    passes = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one of each per chunk of tokens
+    assert products.ops == ["mm"] * ((3 if train_lm_head else 2) * passes)
