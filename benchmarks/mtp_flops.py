@@ -6,7 +6,8 @@ full size under torch's ``FakeTensorMode``: every operator runs on shapes only, 
 on a laptop. Counted per step, operator by operator:
 
 * FLOPs of the matrix products, with torch's own formulas (``torch.utils.flop_counter``);
-* bytes read and written by every non-view operator (unfused: each pass over a tensor counts);
+* bytes read and written by every operator that moves data (unfused: each pass over a tensor counts; views
+  and bare allocations move nothing, an ``out=`` buffer is written, not read);
 * peak live tensor bytes (activations, gradients and transients; the parameters are excluded).
 
 Printed per model: each regime over ``detach``, and for the chunked ``rl`` path the share of the step spent
@@ -82,9 +83,12 @@ _ATTENTION_OPS = {
 _SHADOW_NUMEL = 1 << 20  # batch-sized integer tensors: offsets, masks, labels
 
 
+_ALLOCATES_ONLY = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+
+
 def _moves_data(func, ins, outs) -> bool:
-    """Whether an operator reads or writes tensor data (not a view, alias or metadata query)."""
-    if func.is_view or not outs:
+    """Whether an operator reads or writes tensor data (not a view, alias, metadata query or bare allocation)."""
+    if func.is_view or not outs or func._overloadpacket.__name__ in _ALLOCATES_ONLY:
         return False
     if func._schema.is_mutable:
         return True
@@ -196,7 +200,10 @@ class StepCost(PeakTensorMemory):
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if _moves_data(func, ins, outs):
-            self.bytes += sum(_bytes_touched(t) for t in ins + outs)
+            # an ``out=`` buffer is written, not read: it counts once, as an output
+            reads = [t for t in torch.utils._pytree.tree_leaves((args, {**kwargs, "out": None}))
+                     if isinstance(t, torch.Tensor)]
+            self.bytes += sum(_bytes_touched(t) for t in reads + outs)
         for t in outs:
             self._track(t)
         return out

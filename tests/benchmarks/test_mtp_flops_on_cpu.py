@@ -45,7 +45,10 @@ def test_bytes_and_peak_of_a_known_sequence_of_operators():
         b = a * 2  # reads 4000, writes 4000, live 8000
         del a  # live 4000
         c = b.view(10, 100) + 1  # the view moves nothing; the add reads 4000, writes 4000, live 8000
-        del b, c
-    assert cost.bytes == 4000 + 8000 + 8000
-    assert cost.peak == 8000
+        torch.mul(c, 3, out=c)  # in place through ``out=``: reads 4000, writes 4000
+        out = torch.empty(1000)  # an allocation moves nothing; live 12000
+        torch.mul(c.view(-1), 2, out=out)  # into a fresh buffer: reads 4000, writes 4000 (not read)
+        del b, c, out
+    assert cost.bytes == 4000 + 8000 + 8000 + 8000 + 8000
+    assert cost.peak == 12000
     assert cost.live == 0

@@ -193,12 +193,11 @@ def mtp_token_log_probs(
     # Scored as one [s*b, v] matrix: on [s, b, v] with b = 1 the temperature division laid the logits (and their
     # gradient) out with the batch dimension outermost, which torch.matmul cannot fold, and the output layer's
     # backward became a batched product against s copies of the weight (2-2.6x detach's step time).
-    # In place: the output layer's backward keeps its input, not its output, so the logits are this path's own.
-    logits = mtp_output.head_logits(hidden, trainable_weight)
-    logits_2d = logits.float().view(-1, logits.shape[-1]).div_(temperature.t().reshape(-1, 1).float())
+    logits = mtp_output.head_logits(hidden, trainable_weight).float()  # a bf16 output is freed here
+    logits = logits.view(-1, logits.shape[-1]) / temperature.t().reshape(-1, 1).float()
     with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
-        top1 = _vocab_parallel_argmax(logits_2d)
-    log_probs = vocab_parallel_log_probs_from_logits(logits_2d, labels_sb.view(-1)).view(labels_sb.shape)
+        top1 = _vocab_parallel_argmax(logits)
+    log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb.view(-1)).view(labels_sb.shape)
     return log_probs.t(), (top1.view(labels_sb.shape) == labels_sb).t()
 
 
