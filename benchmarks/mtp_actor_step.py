@@ -7,8 +7,9 @@ with another regime), so a drift of the machine's speed hits every regime alike.
 its ratio over ``detach`` within each round: printed are the median ratio, its interquartile range and a
 bootstrap 95 % interval of the median, flagged when that interval holds 1.0 (the spread exceeds the effect).
 
-Memory is the peak of live tensor bytes during a step, tracked exactly at the operator level (every tensor an
-operator allocates counts until it is freed), so it does not depend on the allocator or on other processes.
+Memory is the peak of live tensor bytes during a step, tracked exactly at the operator level (every storage an
+operator allocates counts until it is freed; a view or in-place result of an existing tensor, such as a weight's
+transpose, allocates nothing), so it does not depend on the allocator or on other processes.
 
 Printed, one ratio per line: step time and peak tensor memory of each regime over ``detach`` at the same size,
 and the share of the ``rl_occ`` step spent in OCC (its statistics and lambda). ``rl_occ_gradient`` is the exact
@@ -37,12 +38,13 @@ from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised", "rl_occ_gradient")
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once, counting every storage an operator returns."""
+    """Peak bytes of tensor storages alive at once, counting every storage an operator allocates."""
 
     def __init__(self):
         super().__init__()
@@ -68,10 +70,17 @@ class PeakTensorMemory(TorchDispatchMode):
 
         weakref.finalize(storage, release)
 
+    def _track_allocated(self, ins, outs) -> None:
+        """Count the outputs that hold a storage none of the inputs holds: a view or an in-place result of a
+        tensor allocated before (a parameter's ``t()``) allocates nothing."""
+        held = {t.untyped_storage()._cdata for t in ins if isinstance(t, torch.Tensor) and not t.is_nested}
+        for t in outs:
+            if isinstance(t, torch.Tensor) and not t.is_nested and t.untyped_storage()._cdata not in held:
+                self._track(t)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            self._track(t)
+        self._track_allocated(tree_leaves((args, kwargs)), tree_leaves(out))
         return out
 
 

@@ -204,8 +204,7 @@ class StepCost(PeakTensorMemory):
             reads = [t for t in torch.utils._pytree.tree_leaves((args, {**kwargs, "out": None}))
                      if isinstance(t, torch.Tensor)]
             self.bytes += sum(_bytes_touched(t) for t in reads + outs)
-        for t in outs:
-            self._track(t)
+        self._track_allocated(ins, outs)
         return out
 
 
@@ -296,6 +295,16 @@ def build_counting_gpt(shape: ModelShape, seq: int, dtype: torch.dtype = torch.b
     )
 
 
+def _grads_into_main_grad_buffer(model: torch.nn.Module) -> None:
+    """Each parameter's gradient leaves the live tensors once accumulated, as Megatron's DDP hands it to its
+    pre-allocated ``main_grad`` buffer (counted like the parameters: not at all). Without this, a gradient
+    computed early in the backward (the shared embedding's, reached early through the MTP inputs under
+    ``rl``) would count as activation memory until the step ends."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+
 @contextlib.contextmanager
 def _chunked_phases(cost: StepCost):
     """Mark the chunked log-prob function's forward and backward as phases of ``cost``."""
@@ -337,6 +346,7 @@ def count_regimes(shape: ModelShape, seq: int, regimes, chunk: int, dtype=torch.
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
             with _megatron_moe_on_fake_cpu(), fake_mode:
                 model = build_counting_gpt(shape, seq, dtype)
+                _grads_into_main_grad_buffer(model)
                 hook, loss_fn = patch_regime(model, regime, chunk, base_loss)
                 step = make_step(step_args, model, hook, loss_fn, data)
                 cost = StepCost(fake_mode, vocab=shape.vocab)

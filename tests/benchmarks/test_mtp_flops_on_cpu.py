@@ -9,7 +9,7 @@ recomputing the head's product).
 import pytest
 import torch
 
-from benchmarks.mtp_flops import ModelShape, StepCost, count_regimes
+from benchmarks.mtp_flops import ModelShape, StepCost, _grads_into_main_grad_buffer, count_regimes
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
@@ -52,3 +52,17 @@ def test_bytes_and_peak_of_a_known_sequence_of_operators():
     assert cost.bytes == 4000 + 8000 + 8000 + 8000 + 8000
     assert cost.peak == 12000
     assert cost.live == 0
+
+
+@pytest.mark.parametrize("megatron_ddp", [False, True])
+def test_a_parameter_gradient_leaves_the_live_tensors_once_megatron_ddp_would_take_it(megatron_ddp):
+    layer = torch.nn.Linear(100, 100, bias=False)  # its gradient: 40000 bytes
+    if megatron_ddp:
+        _grads_into_main_grad_buffer(layer)
+    cost = StepCost(fake_mode=None)
+    with cost:
+        layer(torch.ones(1, 100)).sum().backward()
+    # the gradient counts while it exists; the weight (its transpose is a view) never does
+    assert 40000 <= cost.peak < 80000
+    assert (layer.weight.grad is None) == megatron_ddp
+    assert cost.live == (0 if megatron_ddp else 40000)
