@@ -91,3 +91,18 @@ def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, 
         (scored[mtp_output_keys(1)[0]] * torch.rand(b, s)).sum().backward()  # a [b, s] upstream, as verl's loss
     passes = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one of each per chunk of tokens
     assert products.ops == ["mm"] * ((3 if train_lm_head else 2) * passes)
+
+
+def test_the_output_layer_path_refuses_a_second_backward_with_the_fix():
+    """Its saved exponentials become the gradient in place, so a second backward would read a gradient."""
+    vocab, s = 53, 6
+    model = build_tiny_gpt(1, vocab_size=vocab, seed=5)
+    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=0))
+    ids = torch.randint(1, vocab, (1, s))
+    prepare_mtp_loss_tracker(1)
+    model(ids, torch.arange(s)[None], causal_attention_mask(1, s), labels=main_labels(ids, [s]))
+    scored = score_mtp_heads(model._postprocess.pop_output(), bshd_head_labels(ids, [s], 1), torch.ones(1, s))
+    loss = scored[mtp_output_keys(1)[0]].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="logprob_chunk_size > 0"):
+        loss.backward()

@@ -10,6 +10,10 @@ fp32 logits ``[chunk, V/tp]`` live only inside the forward's chunk loop. What th
 softmax Megatron's cross-entropy keeps under bf16), so the backward never recomputes the head's matrix product
 and makes one pass over it per chunk: ``d log p_y / d logits = onehot(y) - softmax``.
 
+With ``logprob_chunk_size = 0`` the head runs through Megatron's output layer and the same scoring runs once on
+its fp32 logits, in place: the maximum and top-1 id in one pass, the shift, the exponential and the sum, the
+buffer kept as the backward's ``exp(logits - max)`` and turned into the gradient in place (one pass).
+
 Tensor parallelism follows Megatron's vocab-parallel output layer: each rank holds a vocabulary shard; per chunk
 one all-gather brings every rank's maximum and arg-maximum, one all-reduce sums the sum-exp and the target logit.
 The input gradient is all-reduced by ``copy_to_tensor_model_parallel_region`` (sequence parallel: gathered /
@@ -30,7 +34,6 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
 from verl_mtp.models.mcore.mtp_grad_fusion import hand_over_weight_grad
 
@@ -64,17 +67,45 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     grad_weight.add_(grad_logits.t() @ hidden)
 
 
+def _score_block(logits, safe_labels, in_shard, exp_out, group, vocab_start):
+    """Log-prob of the label, top-1 id and ``1 / sum exp`` of a block of tempered logits ``[rows, V/tp]``.
+
+    Rewrites ``logits`` in place and leaves ``exp(logits - max)`` in ``exp_out`` (which may be ``logits``):
+    one pass for the maximum and its id, one for the shift, one for the exponential, one for the sum.
+    """
+    local_max, local_arg = logits.max(dim=-1)
+    global_max, top1 = _global_max_and_argmax(local_max, local_arg, vocab_start, group)
+    target = logits.gather(1, safe_labels[:, None]).squeeze(1) * in_shard
+    exp_block = exp_out if exp_out.dtype == logits.dtype else logits
+    torch.exp(logits.sub_(global_max[:, None]), out=exp_block)
+    sum_exp, target = _sum_over_shards(torch.stack([exp_block.sum(-1, dtype=torch.float32), target]), group)
+    if exp_block is not exp_out:
+        exp_out.copy_(exp_block)
+    return target - global_max - torch.log(sum_exp), top1, sum_exp.reciprocal()
+
+
+def _logits_grad_coefficients(grad_log_probs, inv_temperature, inv_sum_exp, in_shard, dtype):
+    """``d log p_y / d logits = (onehot(y) - exp_shifted / sum_exp) / T`` times the upstream gradient, as the
+    per-row coefficients of ``exp_shifted`` and of the label's one-hot."""
+    onehot_coef = grad_log_probs.float() * inv_temperature
+    return (-onehot_coef * inv_sum_exp).to(dtype), (onehot_coef * in_shard).to(dtype)
+
+
+def _shard_labels(labels, vocab_start, v_local):
+    """This rank's label ids (0 where the label lives on another vocabulary shard) and which rows it holds."""
+    local_labels = labels - vocab_start
+    in_shard = (local_labels >= 0) & (local_labels < v_local)
+    return torch.where(in_shard, local_labels, torch.zeros_like(local_labels)), in_shard
+
+
 class _ChunkedTokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start, fuse_wgrad):
         n, v_local = hidden.shape[0], weight.shape[0]
-        log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        inv_sum_exp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        log_probs, inv_sum_exp = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(2))
         top1 = torch.empty(n, dtype=torch.long, device=hidden.device)
         exp_shifted = torch.empty(n, v_local, dtype=hidden.dtype, device=hidden.device)  # kept for backward
-        local_labels = labels - vocab_start
-        in_shard = (local_labels >= 0) & (local_labels < v_local)
-        safe_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
+        safe_labels, in_shard = _shard_labels(labels, vocab_start, v_local)
         # one [chunk, V/tp] buffer for all chunks (a fresh one per chunk costs its page faults on CPU);
         # fp32 (at least) in the same pass as the temperature, the product staying in the weights' dtype
         logits_buf = hidden.new_empty(min(chunk, n), v_local, dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -83,16 +114,9 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
             e = min(s + chunk, n)
             product, logits = product_buf[: e - s], logits_buf[: e - s]
             torch.mul(torch.mm(hidden[s:e], weight.t(), out=product), inv_temperature[s:e, None], out=logits)
-            local_max, local_arg = logits.max(dim=-1)
-            global_max, top1[s:e] = _global_max_and_argmax(local_max, local_arg, vocab_start, group)
-            target = logits.gather(1, safe_labels[s:e, None]).squeeze(1) * in_shard[s:e]
-            exp_chunk = exp_shifted[s:e] if exp_shifted.dtype == logits.dtype else logits
-            torch.exp(logits.sub_(global_max[:, None]), out=exp_chunk)
-            sum_exp, target = _sum_over_shards(torch.stack([exp_chunk.sum(-1, dtype=torch.float32), target]), group)
-            if exp_chunk is logits:
-                exp_shifted[s:e] = logits
-            log_probs[s:e] = target - global_max - torch.log(sum_exp)
-            inv_sum_exp[s:e] = sum_exp.reciprocal()
+            log_probs[s:e], top1[s:e], inv_sum_exp[s:e] = _score_block(
+                logits, safe_labels[s:e], in_shard[s:e], exp_shifted[s:e], group, vocab_start
+            )
         ctx.save_for_backward(hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp)
         ctx.chunk = chunk
         ctx.fuse_wgrad = fuse_wgrad
@@ -105,10 +129,9 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        # d log p_y / d logits = (onehot(y) - exp_shifted / sum_exp) / T, times the upstream gradient
-        onehot_coef = grad_log_probs.float() * inv_temperature
-        softmax_coef = (-onehot_coef * inv_sum_exp).to(exp_shifted.dtype)
-        onehot_coef = (onehot_coef * in_shard).to(exp_shifted.dtype)
+        softmax_coef, onehot_coef = _logits_grad_coefficients(
+            grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
+        )
         grad_buf = torch.empty_like(exp_shifted[: ctx.chunk])  # reused by every chunk, as in the forward
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hidden.shape[0])
@@ -121,6 +144,38 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         if need_w:
             grad_weight = hand_over_weight_grad(weight, grad_weight, ctx.fuse_wgrad)
         return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+class _TokenLogProbFromLogits(torch.autograd.Function):
+    """The chunked path's scoring on logits the output layer already made, rewritten in place (as Megatron's
+    vocab-parallel cross-entropy rewrites its input): the buffer ends up holding ``exp(logits - max)`` for the
+    backward, which turns it into the logits' gradient in place -- so it can run only once per forward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, inv_temperature, group, vocab_start):
+        safe_labels, in_shard = _shard_labels(labels, vocab_start, logits.shape[1])
+        logits.mul_(inv_temperature[:, None])
+        log_probs, top1, inv_sum_exp = _score_block(logits, safe_labels, in_shard, logits, group, vocab_start)
+        ctx.save_for_backward(logits, safe_labels, in_shard, inv_temperature, inv_sum_exp)
+        ctx.consumed = False
+        ctx.mark_non_differentiable(top1)
+        return log_probs, top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_top1):
+        if ctx.consumed:
+            raise RuntimeError(
+                "MTP log-probs through the output layer (logprob_chunk_size=0) back-propagate once: their saved "
+                "exponentials become the gradient in place. Set logprob_chunk_size > 0 to back-propagate twice."
+            )
+        ctx.consumed = True
+        exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
+        softmax_coef, onehot_coef = _logits_grad_coefficients(
+            grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
+        )
+        grad_logits = exp_shifted.mul_(softmax_coef[:, None])
+        grad_logits.scatter_add_(1, safe_labels[:, None], onehot_coef[:, None])
+        return grad_logits, None, None, None, None
 
 
 def chunked_token_log_probs(
@@ -190,15 +245,19 @@ def mtp_token_log_probs(
         )
         return log_probs.t(), (top1 == labels_sb).t()
     # fp32 from here on, as the main head: Megatron's Float16Module hands verl fp32 logits to divide and score.
-    # Scored as one [s*b, v] matrix: on [s, b, v] with b = 1 the temperature division laid the logits (and their
-    # gradient) out with the batch dimension outermost, which torch.matmul cannot fold, and the output layer's
-    # backward became a batched product against s copies of the weight (2-2.6x detach's step time).
+    # Scored as one [s*b, v] matrix, its gradient laid out as the output layer's: an [s, b, v] gradient with the
+    # size-1 batch dimension outermost (what a temperature division on [s, b, v] produced) is a layout
+    # torch.matmul cannot fold, and the layer's backward ran as a batched product against s copies of the weight.
     logits = mtp_output.head_logits(hidden, trainable_weight).float()  # a bf16 output is freed here
-    logits = logits.view(-1, logits.shape[-1]) / temperature.t().reshape(-1, 1).float()
-    with torch.no_grad():  # before the cross-entropy, which rewrites its logits in place
-        top1 = _vocab_parallel_argmax(logits)
-    log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb.view(-1)).view(labels_sb.shape)
-    return log_probs.t(), (top1.view(labels_sb.shape) == labels_sb).t()
+    tp = mpu.get_tensor_model_parallel_world_size()
+    log_probs, top1 = _TokenLogProbFromLogits.apply(
+        logits.view(-1, logits.shape[-1]),
+        labels_sb.view(-1),
+        temperature.t().reshape(-1).float().reciprocal(),
+        mpu.get_tensor_model_parallel_group() if tp > 1 else None,
+        mpu.get_tensor_model_parallel_rank() * logits.shape[-1],
+    )
+    return log_probs.view(labels_sb.shape).t(), (top1.view(labels_sb.shape) == labels_sb).t()
 
 
 def score_mtp_heads(
@@ -225,20 +284,3 @@ def score_mtp_heads(
             )
             scored[mtp_ce_key(k)] = ce_log_probs
     return scored
-
-
-def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Global argmax over a vocabulary split across tensor-parallel ranks."""
-    tp = mpu.get_tensor_model_parallel_world_size()
-    local_max, local_idx = logits.max(dim=-1)
-    if tp == 1:
-        return local_idx
-    group = mpu.get_tensor_model_parallel_group()
-    rank = mpu.get_tensor_model_parallel_rank()
-    global_idx = local_idx + rank * logits.shape[-1]
-    maxes = [torch.empty_like(local_max) for _ in range(tp)]
-    idxs = [torch.empty_like(global_idx) for _ in range(tp)]
-    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
-    torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
-    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
-    return torch.stack(idxs).gather(0, best).squeeze(0)
