@@ -93,16 +93,17 @@ def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, 
     assert products.ops == ["mm"] * ((3 if train_lm_head else 2) * passes)
 
 
-def test_the_output_layer_path_refuses_a_second_backward_with_the_fix():
-    """Its saved exponentials become the gradient in place, so a second backward would read a gradient."""
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_second_backward_is_refused_with_the_fix(chunk):
+    """Both paths' saved exponentials become the gradient in place, so a second backward would read a gradient."""
     vocab, s = 53, 6
     model = build_tiny_gpt(1, vocab_size=vocab, seed=5)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=0))
+    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=chunk))
     ids = torch.randint(1, vocab, (1, s))
     prepare_mtp_loss_tracker(1)
     model(ids, torch.arange(s)[None], causal_attention_mask(1, s), labels=main_labels(ids, [s]))
     scored = score_mtp_heads(model._postprocess.pop_output(), bshd_head_labels(ids, [s], 1), torch.ones(1, s))
     loss = scored[mtp_output_keys(1)[0]].sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="logprob_chunk_size > 0"):
+    with pytest.raises(RuntimeError, match="run the forward again"):
         loss.backward()

@@ -98,6 +98,16 @@ def _shard_labels(labels, vocab_start, v_local):
     return torch.where(in_shard, local_labels, torch.zeros_like(local_labels)), in_shard
 
 
+def _refuse_second_backward(ctx) -> None:
+    """Both scoring functions turn their saved exponentials into the logits' gradient in place."""
+    if ctx.consumed:
+        raise RuntimeError(
+            "MTP head log-probs back-propagate once per forward (their saved exponentials become the gradient "
+            "in place): run the forward again instead of backward(retain_graph=True) twice."
+        )
+    ctx.consumed = True
+
+
 class _ChunkedTokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, inv_temperature, chunk, group, vocab_start, fuse_wgrad):
@@ -106,13 +116,18 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         top1 = torch.empty(n, dtype=torch.long, device=hidden.device)
         exp_shifted = torch.empty(n, v_local, dtype=hidden.dtype, device=hidden.device)  # kept for backward
         safe_labels, in_shard = _shard_labels(labels, vocab_start, v_local)
-        # one [chunk, V/tp] buffer for all chunks (a fresh one per chunk costs its page faults on CPU);
-        # fp32 (at least) in the same pass as the temperature, the product staying in the weights' dtype
-        logits_buf = hidden.new_empty(min(chunk, n), v_local, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        product_buf = logits_buf if logits_buf.dtype == hidden.dtype else hidden.new_empty(logits_buf.shape)
+        # fp32 (at least) in the same pass as the temperature, the product staying in the weights' dtype. An
+        # fp32 model scores each chunk where its exponentials are kept; a bf16 one reuses one fp32 chunk buffer
+        # (a fresh buffer per chunk would cost its page faults on CPU).
+        logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logits_buf = product_buf = None
+        if logits_dtype != hidden.dtype:
+            logits_buf = hidden.new_empty(min(chunk, n), v_local, dtype=logits_dtype)
+            product_buf = hidden.new_empty(logits_buf.shape)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            product, logits = product_buf[: e - s], logits_buf[: e - s]
+            product = exp_shifted[s:e] if logits_buf is None else product_buf[: e - s]
+            logits = exp_shifted[s:e] if logits_buf is None else logits_buf[: e - s]
             torch.mul(torch.mm(hidden[s:e], weight.t(), out=product), inv_temperature[s:e, None], out=logits)
             log_probs[s:e], top1[s:e], inv_sum_exp[s:e] = _score_block(
                 logits, safe_labels[s:e], in_shard[s:e], exp_shifted[s:e], group, vocab_start
@@ -120,11 +135,13 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp)
         ctx.chunk = chunk
         ctx.fuse_wgrad = fuse_wgrad
+        ctx.consumed = False
         ctx.mark_non_differentiable(top1)
         return log_probs, top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_top1):
+        _refuse_second_backward(ctx)
         hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
@@ -132,10 +149,9 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         softmax_coef, onehot_coef = _logits_grad_coefficients(
             grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
         )
-        grad_buf = torch.empty_like(exp_shifted[: ctx.chunk])  # reused by every chunk, as in the forward
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hidden.shape[0])
-            grad_logits = torch.mul(exp_shifted[s:e], softmax_coef[s:e, None], out=grad_buf[: e - s])
+            grad_logits = exp_shifted[s:e].mul_(softmax_coef[s:e, None])  # in place: no buffer, no page faults
             grad_logits.scatter_add_(1, safe_labels[s:e, None], onehot_coef[s:e, None])
             if need_h:
                 grad_hidden[s:e] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -149,7 +165,7 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
 class _TokenLogProbFromLogits(torch.autograd.Function):
     """The chunked path's scoring on logits the output layer already made, rewritten in place (as Megatron's
     vocab-parallel cross-entropy rewrites its input): the buffer ends up holding ``exp(logits - max)`` for the
-    backward, which turns it into the logits' gradient in place -- so it can run only once per forward."""
+    backward, which turns it into the logits' gradient in place."""
 
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, group, vocab_start):
@@ -163,12 +179,7 @@ class _TokenLogProbFromLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_top1):
-        if ctx.consumed:
-            raise RuntimeError(
-                "MTP log-probs through the output layer (logprob_chunk_size=0) back-propagate once: their saved "
-                "exponentials become the gradient in place. Set logprob_chunk_size > 0 to back-propagate twice."
-            )
-        ctx.consumed = True
+        _refuse_second_backward(ctx)
         exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
         softmax_coef, onehot_coef = _logits_grad_coefficients(
             grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
