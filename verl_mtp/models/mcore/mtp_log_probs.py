@@ -84,11 +84,12 @@ def _score_block(logits, safe_labels, in_shard, exp_out, group, vocab_start):
     return target - global_max - torch.log(sum_exp), top1, sum_exp.reciprocal()
 
 
-def _logits_grad_coefficients(grad_log_probs, inv_temperature, inv_sum_exp, in_shard, dtype):
-    """``d log p_y / d logits = (onehot(y) - exp_shifted / sum_exp) / T`` times the upstream gradient, as the
-    per-row coefficients of ``exp_shifted`` and of the label's one-hot."""
+def _logits_grad_in_place(exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp, grad_log_probs):
+    """Turn the kept ``exp(logits - max)`` into the logits' gradient, in place (one pass):
+    ``d log p_y / d logits = (onehot(y) - exp_shifted / sum_exp) / T``, times the upstream gradient."""
     onehot_coef = grad_log_probs.float() * inv_temperature
-    return (-onehot_coef * inv_sum_exp).to(dtype), (onehot_coef * in_shard).to(dtype)
+    exp_shifted.mul_((-onehot_coef * inv_sum_exp).to(exp_shifted.dtype)[:, None])
+    return exp_shifted.scatter_add_(1, safe_labels[:, None], (onehot_coef * in_shard).to(exp_shifted.dtype)[:, None])
 
 
 def _shard_labels(labels, vocab_start, v_local):
@@ -142,21 +143,17 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_top1):
         _refuse_second_backward(ctx)
-        hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
+        hidden, weight, *kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        softmax_coef, onehot_coef = _logits_grad_coefficients(
-            grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
-        )
+        grad_logits = _logits_grad_in_place(*kept, grad_log_probs)  # no buffer, so no page faults on CPU
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hidden.shape[0])
-            grad_logits = exp_shifted[s:e].mul_(softmax_coef[s:e, None])  # in place: no buffer, no page faults
-            grad_logits.scatter_add_(1, safe_labels[s:e, None], onehot_coef[s:e, None])
             if need_h:
-                grad_hidden[s:e] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[s:e] = (grad_logits[s:e].to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden[s:e])
+                _accumulate_weight_grad(grad_weight, grad_logits[s:e], hidden[s:e])
         if need_w:
             grad_weight = hand_over_weight_grad(weight, grad_weight, ctx.fuse_wgrad)
         return grad_hidden, grad_weight, None, None, None, None, None, None
@@ -180,13 +177,7 @@ class _TokenLogProbFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_top1):
         _refuse_second_backward(ctx)
-        exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp = ctx.saved_tensors
-        softmax_coef, onehot_coef = _logits_grad_coefficients(
-            grad_log_probs, inv_temperature, inv_sum_exp, in_shard, exp_shifted.dtype
-        )
-        grad_logits = exp_shifted.mul_(softmax_coef[:, None])
-        grad_logits.scatter_add_(1, safe_labels[:, None], onehot_coef[:, None])
-        return grad_logits, None, None, None, None
+        return _logits_grad_in_place(*ctx.saved_tensors, grad_log_probs), None, None, None, None
 
 
 def chunked_token_log_probs(
