@@ -99,6 +99,13 @@ def _shard_labels(labels, vocab_start, v_local):
     return torch.where(in_shard, local_labels, torch.zeros_like(local_labels)), in_shard
 
 
+def _keep_for_backward(ctx, top1, *tensors) -> None:
+    """Save what the backward needs, once: the scoring functions overwrite it with the gradient."""
+    ctx.save_for_backward(*tensors)
+    ctx.consumed = False
+    ctx.mark_non_differentiable(top1)
+
+
 def _refuse_second_backward(ctx) -> None:
     """Both scoring functions turn their saved exponentials into the logits' gradient in place."""
     if ctx.consumed:
@@ -133,11 +140,8 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
             log_probs[s:e], top1[s:e], inv_sum_exp[s:e] = _score_block(
                 logits, safe_labels[s:e], in_shard[s:e], exp_shifted[s:e], group, vocab_start
             )
-        ctx.save_for_backward(hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp)
-        ctx.chunk = chunk
-        ctx.fuse_wgrad = fuse_wgrad
-        ctx.consumed = False
-        ctx.mark_non_differentiable(top1)
+        _keep_for_backward(ctx, top1, hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp)
+        ctx.chunk, ctx.fuse_wgrad = chunk, fuse_wgrad
         return log_probs, top1
 
     @staticmethod
@@ -169,9 +173,7 @@ class _TokenLogProbFromLogits(torch.autograd.Function):
         safe_labels, in_shard = _shard_labels(labels, vocab_start, logits.shape[1])
         logits.mul_(inv_temperature[:, None])
         log_probs, top1, inv_sum_exp = _score_block(logits, safe_labels, in_shard, logits, group, vocab_start)
-        ctx.save_for_backward(logits, safe_labels, in_shard, inv_temperature, inv_sum_exp)
-        ctx.consumed = False
-        ctx.mark_non_differentiable(top1)
+        _keep_for_backward(ctx, top1, logits, safe_labels, in_shard, inv_temperature, inv_sum_exp)
         return log_probs, top1
 
     @staticmethod
