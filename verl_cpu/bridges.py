@@ -11,17 +11,14 @@ Second blocker: mbridge 0.15.1 ``mbridge.core.util.get_model`` moves every chunk
 :meth:`CPUBridge.get_model` builds the chunks itself: provider -> Float16Module (bf16/fp16) -> Megatron DDP,
 on CPU, no pipeline/virtual-pipeline stages (tensor and data parallelism only).
 
-Registered through mbridge's own registry (``mbridge.core.bridge.register_model``), replacing the entries for
-the model types below only when the CPU platform is active (:mod:`verl_cpu.plugin`).
+:data:`verl_cpu.patches.MBRIDGE_BRIDGES` puts them in mbridge's registry (``mbridge.core.bridge._MODEL_REGISTRY``,
+where ``register_model`` writes) in place of the entries for qwen2, llama, qwen3 and mimo, when the CPU platform
+is active (:mod:`verl_cpu.plugin`).
 """
 
 from __future__ import annotations
 
 from typing import Optional
-
-_CPU_MODEL_TYPES = ("qwen2", "llama", "qwen3", "mimo")
-_registered: dict[str, type] = {}
-
 
 def _local_spec(config, vp_stage=None):
     """Megatron's local decoder block spec with :class:`CPUCoreAttention` as core attention."""
@@ -114,15 +111,3 @@ def make_cpu_bridge(base: type) -> type:
 
     CPUBridge.__name__ = CPUBridge.__qualname__ = f"CPU{base.__name__}"
     return CPUBridge
-
-
-def register_cpu_bridges(model_types=_CPU_MODEL_TYPES) -> None:
-    """Replace mbridge's bridges for ``model_types`` with their local-spec CPU subclasses. Idempotent."""
-    from verl.models.mcore.mbridge import AutoBridge  # noqa: F401  (verl's mbridge patches first)
-    from mbridge.core.bridge import _MODEL_REGISTRY
-
-    for model_type in model_types:
-        base = _MODEL_REGISTRY.get(model_type)
-        if base is None or base is _registered.get(model_type):
-            continue
-        _registered[model_type] = _MODEL_REGISTRY[model_type] = make_cpu_bridge(base)
