@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from verl_mtp_example import study_report
+from verl_mtp_example import study_figures, study_report
 from verl_mtp_example.modes import MODES
 
 MTP = "actor_rollout_ref.model.mtp"
@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     failed = [] if args.report_only else run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
     report = study_report.write_report(out, settings.regimes, settings.seeds, settings.steps,
                                        seconds=None if args.report_only else time.time() - t0)
-    log(f"table {report['table']}, figures {', '.join(report['figures'])}")
+    figures = study_figures.draw_all(out, report["runs"], report["pairs"], report["results"]["lambda_correlation"])
+    log(f"table {report['table']}, figures {', '.join(figures)}")
     return 1 if failed else 0
 
 
