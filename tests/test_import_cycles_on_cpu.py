@@ -21,8 +21,8 @@ def _module(package: str, root: Path, path: Path) -> str:
 
 
 def _runtime_nodes(tree: ast.Module):
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for stmt in node.body for n in ast.walk(stmt)}
+    checking = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+    skipped = {id(n) for node in checking for stmt in node.body for n in ast.walk(stmt)}
     return [node for node in ast.walk(tree) if id(node) not in skipped]
 
 

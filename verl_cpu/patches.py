@@ -24,7 +24,16 @@ import importlib
 from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["Patch", "AttributePatch", "ItemPatch", "applied", "CUDA_ON_CPU", "CPU_PATCHES", "resolve"]
+# What the Megatron-Core patches install is imported here; the verl-level ones name theirs by path, imported on
+# apply: verl's plugin loading applies them while verl itself is still being imported.
+from verl_cpu import device_module
+from verl_cpu.cuda import CPURNGStatesTracker
+
+__all__ = [
+    "Patch", "AttributePatch", "ItemPatch", "applied", "resolve", "CUDA_ON_CPU", "CPU_PATCHES",
+    "TORCH_CUDA", "MEGATRON_RNG_TRACKER", "VERL_PLATFORM", "VERL_ENGINE_LOOKUP", "VERL_PROCESS_GROUP_BACKEND",
+    "MBRIDGE_BRIDGES", "VERL_ROLLOUT_REPLICA", "VERL_ROLLOUT_ADAPTER", "SEQUENCE_PARALLEL_TORCH_NORM",
+]
 
 MISSING = object()  # "there was nothing": undo removes the entry; a maker returns it to leave an entry alone
 
@@ -36,11 +45,6 @@ def resolve(path: str) -> Any:
     for name in filter(None, attributes.split(".")):
         found = getattr(found, name)
     return found
-
-
-def _the(path: str) -> Callable[[Any], Any]:
-    """A maker whose replacement is the object at ``path`` (imported when the patch is applied)."""
-    return lambda original: resolve(path)
 
 
 class Patch:
@@ -156,7 +160,7 @@ _CUDA_FUNCTIONS = ("current_device", "synchronize", "empty_cache", "ipc_collect"
                    "mem_get_info", "get_rng_state", "set_rng_state", "current_stream")
 
 TORCH_CUDA = AttributePatch(
-    "torch.cuda", {name: _the(f"verl_cpu.device_module:{name}") for name in _CUDA_FUNCTIONS},
+    "torch.cuda", {name: (lambda original, name=name: getattr(device_module, name)) for name in _CUDA_FUNCTIONS},
     replaces="torch.cuda." + " / ".join(_CUDA_FUNCTIONS),
     why="Megatron-Core calls torch.cuda directly (device=current_device() for its buffers, synchronize in its "
         "timers, the RNG state, megatron-core 0.19's gradient sync waits on current_stream), which a CPU build "
@@ -168,7 +172,7 @@ TORCH_CUDA = AttributePatch(
 MEGATRON_RNG_TRACKER = AttributePatch(
     "megatron.core.tensor_parallel.random",
     {
-        "_CUDA_RNG_STATE_TRACKER": lambda original: resolve("verl_cpu.cuda:CPURNGStatesTracker")(),
+        "_CUDA_RNG_STATE_TRACKER": lambda original: CPURNGStatesTracker(),
         "_CUDA_RNG_STATE_TRACKER_INITIALIZED": lambda original: True,
     },
     replaces="Megatron's global CudaRNGStatesTracker",
@@ -202,7 +206,8 @@ def _cpu_rollout_replica() -> type:
 
 
 VERL_PLATFORM = ItemPatch(
-    "verl.plugin.platform:PlatformRegistry._platforms", {"cpu": _the("verl_cpu.platform:PlatformCPU")},
+    "verl.plugin.platform:PlatformRegistry._platforms",
+    {"cpu": lambda original: resolve("verl_cpu.platform:PlatformCPU")},
     replaces="no platform named cpu",
     why="VERL_PLATFORM=cpu selects PlatformCPU (gloo, Ray logical GPU slots, the torch.cpu-like device module).",
 )
