@@ -8,10 +8,11 @@ schedule's counter tensor, its optimizers, ``weight.data.cuda()`` when pipeline 
 Megatron-Core has no extension point for either, so the CPU platform gives both their CPU meaning, in two parts
 that the trainer's CPU plugin, the tests (:mod:`verl_cpu.testing`) and the benchmarks all use alike:
 
-1. :data:`verl_cpu.patches.CUDA_ON_CPU`, process-wide until undone: the ``torch.cuda`` functions Megatron-Core
-   calls answer with the CPU's device module (:mod:`verl_cpu.device_module`: device ``"cpu"``, no-op
-   ``synchronize`` / ``empty_cache``, memory counters 0 with ``mem_get_info`` the host memory, the CPU generator's
-   RNG state, torch's CPU stream), and Megatron's RNG tracker becomes a :class:`CPURNGStatesTracker`.
+1. :data:`verl_cpu.patches.CUDA_ON_CPU`, process-wide until undone: the ``torch.cuda`` functions
+   Megatron-Core calls answer with the CPU's device module (:mod:`verl_cpu.device_module`: device
+   ``"cpu"``, no-op ``synchronize`` / ``empty_cache``, memory counters 0 with ``mem_get_info`` the host
+   memory, the CPU generator's RNG state, torch's CPU stream), and Megatron's RNG tracker becomes a
+   :class:`CPURNGStatesTracker`.
    ``torch.cuda.manual_seed(_all)`` are left alone (lazy no-ops on a CPU build), ``torch.cuda.is_available()``
    still answers ``False`` (code that branches on it keeps its CPU branch) and everything else in
    ``torch.cuda`` still fails loudly.

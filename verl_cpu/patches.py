@@ -2,10 +2,11 @@
 object each, listed here with what it replaces and why.
 
 Importing ``verl_cpu`` changes nothing. :meth:`Patch.apply` makes one change and keeps what it replaced;
-:meth:`Patch.undo` puts exactly that back; both are idempotent. verl's CPU plugin applies :data:`CPU_PATCHES` in
-every process of a CPU run (:mod:`verl_cpu.plugin`); :mod:`verl_cpu.testing` applies :data:`CUDA_ON_CPU`, which
-is all a process needs to build and run a Megatron-Core model on CPU. A test installs and removes them with
-:func:`applied`, which undoes only what it applied itself (so it nests inside a process where the plugin ran)::
+:meth:`Patch.undo` puts exactly that back; both are idempotent. verl's CPU plugin applies
+:data:`CPU_PATCHES` in every process of a CPU run (:mod:`verl_cpu.plugin`); :mod:`verl_cpu.testing`
+applies :data:`CUDA_ON_CPU`, which is all a process needs to build and run a Megatron-Core model on CPU. A
+test installs and removes them with :func:`applied`, which undoes only what it applied itself (so it nests
+inside a process where the plugin ran)::
 
     @pytest.fixture
     def cpu_platform():
@@ -231,7 +232,7 @@ MBRIDGE_BRIDGES = ItemPatch(
     {model_type: _cpu_bridge for model_type in ("qwen2", "llama", "qwen3", "mimo")},
     requires=("verl.models.mcore.mbridge",),
     replaces="mbridge's bridges for these model types (TransformerEngine layer spec, chunks moved with .cuda())",
-    why="TransformerEngine needs CUDA; the CPU bridges (verl_cpu.bridges) build Megatron's local spec on CPU.",
+    why="TransformerEngine needs CUDA; the CPU bridges (verl_cpu.bridges) build Megatron's local spec.",
 )
 
 VERL_ROLLOUT_REPLICA = ItemPatch(

@@ -3,9 +3,9 @@
 Mocks would not catch a change in Megatron's own ``GPTModel`` / ``MultiTokenPredictionBlock`` (their
 ``_postprocess``, ``roll_tensor``, ``MTPLossAutoScaler`` ...), so tests build the real modules, only very small,
 and run them on CPU. The CPU mechanism is the platform's own (:mod:`verl_cpu.cuda`, what the trainer's CPU
-plugin installs): ``init_cpu_megatron`` applies :data:`verl_cpu.patches.CUDA_ON_CPU` (the ``torch.cuda`` calls
-and the RNG tracker), so Megatron's
-global memory buffer, tensor-parallel collective buffers and MTP loss tracker land on the CPU, and the model
+plugin installs): ``init_cpu_megatron`` applies :data:`verl_cpu.patches.CUDA_ON_CPU` (the ``torch.cuda``
+calls and the RNG tracker), so Megatron's global memory buffer, tensor-parallel collective buffers and MTP loss
+tracker land on the CPU, and the model
 constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-parallel embedding tie calls
 ``weight.data.cuda()``). What is left here is test-specific:
 
