@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+@pytest.mark.slow  # four fresh interpreters: a model test file of the fast tier again, the check, the benchmark
 def test_cpu_mode_runs_the_whole_flow_and_prints_checks_and_ratios():
     proc = run_script("--cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
