@@ -143,6 +143,14 @@ def test_bad_combination_is_refused_with_key_and_fix(base, capsys, case):
     assert key in refusal and fix in refusal, err
 
 
+def test_plugin_policy_that_drops_the_engine_is_refused(base, capsys, monkeypatch):
+    monkeypatch.setenv("VERL_USE_EXTERNAL_PLUGINS", "none")
+    rc, _, err = _check(base, capsys)
+    assert rc == 2 and "VERL_USE_EXTERNAL_PLUGINS=none" in err and "add verl_mtp to it" in err
+    monkeypatch.setenv("VERL_USE_EXTERNAL_PLUGINS", "other,verl_mtp")
+    assert _check(base, capsys)[0] == 0
+
+
 def test_model_without_mtp_layers_is_refused(model_dirs, data_file, capsys):
     rc, _, err = _check(_base(model_dirs[0], data_file), capsys)
     assert rc == 2

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -60,9 +60,7 @@ def _node_counts(configured: int) -> list[int]:
 
 
 def _scaled(layout: ParallelLayout, nnodes: int) -> str:
-    """``2 nodes -> DP 2`` or why that node count does not divide."""
-    from dataclasses import replace
-
+    """``2 node(s) -> DP 2``, or that the layout does not divide that many GPUs."""
     scaled = replace(layout, nnodes=nnodes)
     return f"{nnodes} node(s) -> " + ("does not divide" if scaled.problems() else f"DP {scaled.dp}")
 
@@ -179,6 +177,7 @@ def check_config(config: DictConfig, run_verl_validation: bool = True) -> CheckR
     built = build_start_up_configs(config, report)
     _refuse_on(check_distillation_settings, built["mtp"], built.get("distillation"))
     _check_mtp(config, built, report)
+    _check_plugin_policy(built["mtp"])
     _check_context_length(config, built.get("model"))
     _check_checkpoint(built["actor"], report)
     _check_reward_manager(config)
@@ -225,6 +224,19 @@ def _check_mtp(config, built: dict, report: CheckReport) -> None:
     report.warnings += checks.speculative_decoding_warnings(mtp, rollout.name, num_mtp_layers)
     if num_mtp_layers is not None:
         report.summary.append(f"model:   {num_mtp_layers} MTP layer(s) loaded ({model.architectures[0]})")
+
+
+def _check_plugin_policy(mtp) -> None:
+    """verl loads verl-mtp's engine in every process through its plugin discovery; a policy that excludes it
+    leaves the Ray workers on verl's own engine, which ignores the regime."""
+    policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    allowed = {name.strip() for name in policy.split(",")}
+    if mtp.mtp_loss_type is not None and policy != "auto" and "verl_mtp" not in allowed:
+        raise ConfigRefused(
+            f"VERL_USE_EXTERNAL_PLUGINS={policy} keeps verl from loading the verl_mtp plugin, so the Ray workers "
+            f"would train with verl's own Megatron engine and ignore actor_rollout_ref.model.mtp.mtp_loss_type="
+            f"{mtp.mtp_loss_type}: unset it (here and where each node ran ray start) or add verl_mtp to it"
+        )
 
 
 def _check_context_length(config, model) -> None:

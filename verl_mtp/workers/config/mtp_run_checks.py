@@ -52,8 +52,9 @@ def check_mtp_megatron_layout(mtp, megatron, data_parallel_size: int) -> None:
             "Use dynamic_context_parallel=False with context_parallel_size > 1 (supported), or mtp_loss_type=detach."
         )
     if mtp.occ.needs_gradients and megatron.use_distributed_optimizer and data_parallel_size > 1:
+        setting = "estimator=gradient" if mtp.occ.estimator == "gradient" else f"diagnose_every={mtp.occ.diagnose_every}"
         raise ValueError(
-            f"{MTP}.occ.estimator={mtp.occ.estimator} / occ.diagnose_every={mtp.occ.diagnose_every} read whole "
+            f"{MTP}.occ.{setting}: the gradient estimator reads whole "
             "data-parallel-averaged gradients, which Megatron's distributed optimizer shards over the "
             f"{data_parallel_size} data-parallel ranks of this layout: set {MEGATRON}.use_distributed_optimizer="
             "False (more optimizer memory per GPU), or use occ.estimator=proxy with occ.diagnose_every=0."
