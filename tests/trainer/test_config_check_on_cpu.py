@@ -128,7 +128,7 @@ BAD = {
                                "choose one of"),
     "context-beyond-the-model": (["data.max_response_length=1024"], "exceeds the 512 positions",
                                  "shorten the lengths"),
-    "hf-export-without-bridge": ([f"{MEGATRON}.use_mbridge=False"], "use_mbridge=True", "use_dist_checkpointing"),
+    "no-bridge": ([f"{MEGATRON}.use_mbridge=False"], "use_mbridge=False", "set use_mbridge=True"),
     "unknown-key": ([f"{MTP}.occ.lambda_plsu=2"], "lambda_plsu", "not in struct"),
 }
 

@@ -257,15 +257,16 @@ def _check_context_length(config, model) -> None:
 
 
 def _check_checkpoint(actor, report: CheckReport) -> None:
-    """Whether the actor's checkpoints will hold a Hugging Face export (MTP layers included) to serve."""
+    """The bridge verl's engine needs, and whether the checkpoints will hold a Hugging Face export (MTP layers
+    included) to serve."""
     contents, megatron = list(actor.checkpoint.save_contents), actor.megatron
-    hf_export = "hf_model" in contents or ("model" in contents and not megatron.use_dist_checkpointing)
-    if hf_export and not megatron.use_mbridge:
+    if not megatron.use_mbridge:
         raise ConfigRefused(
-            "actor_rollout_ref.actor.checkpoint.save_contents asks for Hugging Face weights (hf_model, or model "
-            "without use_dist_checkpointing), which verl writes through the bridge: set "
-            "actor_rollout_ref.actor.megatron.use_mbridge=True, or use_dist_checkpointing=True without hf_model"
+            "actor_rollout_ref.actor.megatron.use_mbridge=False: verl 0.9.1's Megatron engine builds the model and "
+            "writes the checkpoints' Hugging Face weights through the bridge (it asserts use_mbridge when the "
+            "workers start): set use_mbridge=True"
         )
+    hf_export = "hf_model" in contents or ("model" in contents and not megatron.use_dist_checkpointing)
     if not hf_export:
         report.warnings.append(
             f"actor_rollout_ref.actor.checkpoint.save_contents={contents} with use_dist_checkpointing=True saves no "
