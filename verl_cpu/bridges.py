@@ -13,12 +13,15 @@ on CPU, no pipeline/virtual-pipeline stages (tensor and data parallelism only).
 
 :data:`verl_cpu.patches.MBRIDGE_BRIDGES` puts them in mbridge's registry (``mbridge.core.bridge._MODEL_REGISTRY``,
 where ``register_model`` writes) in place of the entries for qwen2, llama, qwen3 and mimo, when the CPU platform
-is active (:mod:`verl_cpu.plugin`).
+is active (:mod:`verl_cpu.plugin`). The GPU check puts the same local-spec bridges there with ``on_cpu=False``
+(:data:`verl_cpu.patches.MBRIDGE_BRIDGES_ON_GPU`) on a GPU machine without TransformerEngine: mbridge's own
+model building (on CUDA) is kept, only the layer spec and the core attention change.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
 
 def _local_spec(config, vp_stage=None):
     """Megatron's local decoder block spec with :class:`CPUCoreAttention` as core attention."""
@@ -63,8 +66,9 @@ def _build_cpu_chunk(bridge, wrap_with_ddp: bool, half: bool, ddp_config, post_m
     return model
 
 
-def make_cpu_bridge(base: type) -> type:
-    """Subclass of mbridge bridge ``base`` that builds the local spec (and a local MTP block spec)."""
+def make_cpu_bridge(base: type, on_cpu: bool = True) -> type:
+    """Subclass of mbridge bridge ``base`` that builds the local spec (and a local MTP block spec); ``on_cpu``:
+    it also builds the model on CPU (:func:`_build_cpu_chunk`) instead of mbridge's ``get_model`` (CUDA)."""
 
     class CPUBridge(base):
         _ATTENTION_MAPPING = {  # MimoBridge routes MTP inner-layer names straight to the attention mapping
@@ -103,6 +107,12 @@ def make_cpu_bridge(base: type) -> type:
 
         def get_model(self, weight_path=None, wrap_with_ddp=True, fp16=False, bf16=True, ddp_config=None,
                       post_model_creation_callbacks=(), extra_provider_args=None, **kwargs):
+            if not on_cpu:
+                return super().get_model(
+                    weight_path=weight_path, wrap_with_ddp=wrap_with_ddp, fp16=fp16, bf16=bf16, ddp_config=ddp_config,
+                    post_model_creation_callbacks=post_model_creation_callbacks,
+                    extra_provider_args=extra_provider_args, **kwargs,
+                )
             chunks = [_build_cpu_chunk(self, wrap_with_ddp, fp16 or bf16, ddp_config, post_model_creation_callbacks,
                                        extra_provider_args, kwargs)]
             if weight_path:

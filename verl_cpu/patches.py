@@ -33,7 +33,8 @@ from verl_cpu.cuda import CPURNGStatesTracker
 __all__ = [
     "Patch", "AttributePatch", "ItemPatch", "applied", "resolve", "CUDA_ON_CPU", "CPU_PATCHES",
     "TORCH_CUDA", "MEGATRON_RNG_TRACKER", "VERL_PLATFORM", "VERL_ENGINE_LOOKUP", "VERL_PROCESS_GROUP_BACKEND",
-    "MBRIDGE_BRIDGES", "VERL_ROLLOUT_REPLICA", "VERL_ROLLOUT_ADAPTER", "SEQUENCE_PARALLEL_TORCH_NORM",
+    "MBRIDGE_BRIDGES", "VERL_ROLLOUT_REPLICA", "VERL_ROLLOUT_ADAPTER", "MBRIDGE_BRIDGES_ON_GPU",
+    "SEQUENCE_PARALLEL_TORCH_NORM", "tensor_host_reads",
 ]
 
 MISSING = object()  # "there was nothing": undo removes the entry; a maker returns it to leave an entry alone
@@ -197,8 +198,10 @@ def _cpu_engine_lookup(original: Any) -> Any:
     return resolve("verl_cpu.engine:cpu_engine_lookup")(original)
 
 
-def _cpu_bridge(original: Any) -> Any:
-    return MISSING if original is MISSING else resolve("verl_cpu.bridges:make_cpu_bridge")(original)
+def _local_spec_bridge(on_cpu: bool) -> Callable[[Any], Any]:
+    """A maker: the local-spec subclass of the bridge registered for a model type (none if there is none)."""
+    return lambda original: MISSING if original is MISSING else resolve("verl_cpu.bridges:make_cpu_bridge")(
+        original, on_cpu)
 
 
 def _cpu_rollout_replica() -> type:
@@ -227,9 +230,9 @@ VERL_PROCESS_GROUP_BACKEND = AttributePatch(
         "string'). The function's own default becomes 'cpu:gloo', so every module that imported it sees it.",
 )
 
+_BRIDGED = ("qwen2", "llama", "qwen3", "mimo")
 MBRIDGE_BRIDGES = ItemPatch(
-    "mbridge.core.bridge:_MODEL_REGISTRY",
-    {model_type: _cpu_bridge for model_type in ("qwen2", "llama", "qwen3", "mimo")},
+    "mbridge.core.bridge:_MODEL_REGISTRY", {model_type: _local_spec_bridge(True) for model_type in _BRIDGED},
     requires=("verl.models.mcore.mbridge",),
     replaces="mbridge's bridges for these model types (TransformerEngine layer spec, chunks moved with .cuda())",
     why="TransformerEngine needs CUDA; the CPU bridges (verl_cpu.bridges) build Megatron's local spec.",
@@ -254,8 +257,36 @@ CPU_PATCHES = (*CUDA_ON_CPU, VERL_PLATFORM, VERL_ENGINE_LOOKUP, VERL_PROCESS_GRO
 
 
 # ---------------------------------------------------------------------------------------------------------
-# verl_cpu.testing only, around one model build
+# the GPU check only (scripts/gpu_check_worker.py), on a GPU machine without TransformerEngine
 # ---------------------------------------------------------------------------------------------------------
+MBRIDGE_BRIDGES_ON_GPU = ItemPatch(
+    "mbridge.core.bridge:_MODEL_REGISTRY", {model_type: _local_spec_bridge(False) for model_type in _BRIDGED},
+    requires=("verl.models.mcore.mbridge",),
+    replaces="mbridge's bridges for these model types (TransformerEngine layer spec)",
+    why="without TransformerEngine mbridge cannot build its spec; these build Megatron's local spec and leave "
+        "the model's placement on CUDA to mbridge.",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verl_cpu.testing only: around one model build, and the host-sync counter's duration
+# ---------------------------------------------------------------------------------------------------------
+TENSOR_HOST_READS = ("tolist", "numpy", "cpu", "__array__")
+
+
+def tensor_host_reads(wrap: Callable[[str, Callable], Callable]) -> AttributePatch:
+    """``torch.Tensor``'s host reads, each ``wrap(name, the method in effect)``: the host-sync counter's
+    (:mod:`verl_cpu.testing.host_syncs`), made per counter since its wrappers are its own."""
+    return AttributePatch(
+        "torch:Tensor",
+        {name: (lambda original, name=name: wrap(name, getattr(resolve("torch:Tensor"), name)))
+         for name in TENSOR_HOST_READS},
+        replaces="torch.Tensor." + " / ".join(TENSOR_HOST_READS),
+        why="on CPU these copies dispatch nothing, but on a GPU each is a blocking device-to-host copy; torch's "
+            "own Python code calls them too, so the counter wraps the methods rather than one call site.",
+    )
+
+
 SEQUENCE_PARALLEL_TORCH_NORM = AttributePatch(
     "megatron.core.transformer.torch_norm:WrappedTorchNorm",
     {"__new__": lambda original: resolve("verl_cpu.testing.tiny_gpt:tag_sequence_parallel_norms")(original)},

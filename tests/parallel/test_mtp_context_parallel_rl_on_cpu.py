@@ -21,25 +21,36 @@ bug class), or a chunk placed at the wrong global position, changes the numbers.
 """
 
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from support.actor_config import DAPO, mtp_actor_config
-from support.mtp_parallel import MODEL_KW, MODEL_SEED, RANK_SEED, apply_rl, full_params, grads, load_tp_shards
-from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, make_actor_batch, run_cpu_ranks
-
+from support.bare_engine import bare_engine
+from support.mtp_parallel import (
+    MODEL_KW,
+    MODEL_SEED,
+    RANK_SEED,
+    apply_rl,
+    full_params,
+    grads,
+    load_tp_shards,
+)
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
-from verl.utils import torch_functional as verl_F
 from verl.utils import tensordict_utils as tu
+from verl.utils import torch_functional as verl_F
 from verl.workers.utils.losses import ppo_loss
+
+from verl_cpu.testing import (
+    build_tiny_gpt,
+    init_cpu_megatron,
+    make_actor_batch,
+    run_cpu_ranks,
+)
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
-from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
-from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineWithLMHead
 
 pytestmark = pytest.mark.multiprocess
 
@@ -60,24 +71,6 @@ def actor_batch():
     data["temperature"] = torch.tensor(TEMPERATURES)
     tu.assign_non_tensor(data, num_micro_batch=1)
     return data
-
-
-def bare_engine(hook: MTPRLPostprocess, mtp_cfg: MtpRLConfig, fmt: str) -> MegatronMTPEngineWithLMHead:
-    """The product engine with only what one micro-batch's forward and loss read (``__init__`` skipped)."""
-    engine = object.__new__(MegatronMTPEngineWithLMHead)
-    engine.model_config = SimpleNamespace(mtp=mtp_cfg)
-    engine.engine_config = SimpleNamespace(
-        use_remove_padding=fmt == "thd",
-        pad_to_length=False,
-        pad_to_length_bucket=None,
-        dynamic_context_parallel=False,
-        context_parallel_size=parallel_state.get_context_parallel_world_size(),
-    )
-    engine.tf_config = None
-    engine.occ_state = OCCState(mtp_cfg.occ)
-    engine.rl_postprocess = {hook.model: hook}
-    engine._mtp_loss_mode, engine._mtp_coefficients = None, None  # the full loss, OCC's own lambda
-    return engine
 
 
 def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
@@ -108,12 +101,17 @@ def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
         model, input_ids, {}, logits_processor=processor, logits_processor_args=args, pad_token_id=0,
         data_format=fmt, mtp_enable_train=True,
     )
-    loss_fn = partial(ppo_loss, config=mtp_actor_config(DAPO))
+    model_output = {}  # what the loss saw: the engine drops the heads' outputs once the loss has used them
+    loss_fn = partial(_ppo_loss_keeping_outputs, config=mtp_actor_config(DAPO), sink=model_output)
     scaled_loss, out = engine.postprocess_micro_batch_func(output, data, forward_only=False, loss_function=loss_fn)
     scaled_loss.backward()
-    model_output = {k: [t.detach().clone() for t in v.unbind()] for k, v in out["model_output"].items()}
     lambdas = {k: float(out["metrics"][f"actor/mtp_{k}/lambda"]) for k in range(1, num_heads + 1)}
     return model_output, float(scaled_loss.detach()), lambdas
+
+
+def _ppo_loss_keeping_outputs(config, model_output, data, dp_group=None, *, sink: dict):
+    sink.update({k: [t.detach().clone() for t in v.unbind()] for k, v in model_output.items()})
+    return ppo_loss(config, model_output, data, dp_group)
 
 
 def _setup_model(num_heads: int, seed: int, fmt: str, params=None):

@@ -1,8 +1,9 @@
 """The CPU platform's patches of third-party code: all in ``verl_cpu.patches``, each applied and undone.
 
 * In a fresh interpreter (nothing applied yet, no ``VERL_PLATFORM``): every patch changes what it says, and after
-  ``undo`` torch.cuda, Megatron-Core, verl and mbridge are as they were -- every module attribute, class attribute,
-  module- and class-level dict entry and function default of those packages, compared by identity.
+  ``undo`` torch.cuda, torch.Tensor, Megatron-Core, verl and mbridge are as they were -- every module attribute,
+  class attribute, module- and class-level dict entry and function default of those packages, compared by
+  identity.
 * Read from the source: no other module of ``verl_cpu`` assigns to a third-party module or class, writes into a
   third-party registry or walks ``sys.modules``.
 """
@@ -27,6 +28,7 @@ import verl  # verl's own entry-point plugins (verl-mtp's engine) load first: th
 from verl_cpu import patches
 
 ALL = [value for value in vars(patches).values() if isinstance(value, patches.Patch)]
+ALL.append(patches.tensor_host_reads(lambda name, original: lambda *args, **kwargs: original(*args, **kwargs)))
 # import everything applying imports, so that the snapshots differ only where a patch writes
 for module in ("verl_cpu.device_module", "verl_cpu.cuda", "verl_cpu.platform", "verl_cpu.engine", "verl_cpu.bridges",
                "verl_cpu.testing.tiny_gpt", "verl_cpu.rollout", "verl.utils.device"):
@@ -36,7 +38,7 @@ for patch in ALL:
         __import__(module)
     patches.resolve(patch.target)
 
-PACKAGES = ("torch.cuda", "megatron", "verl", "mbridge")
+PACKAGES = ("torch.cuda", "megatron", "verl", "mbridge")  # and the module torch itself (torch.Tensor)
 
 
 def _entries(prefix, namespace, state):
@@ -51,7 +53,7 @@ def _entries(prefix, namespace, state):
 def snapshot():
     state = {}
     for name, module in list(sys.modules.items()):
-        if module is None or not any(name == p or name.startswith(p + ".") for p in PACKAGES):
+        if module is None or not (name == "torch" or any(name == p or name.startswith(p + ".") for p in PACKAGES)):
             continue
         _entries((name,), vars(module), state)
         for attr, value in list(vars(module).items()):
@@ -105,7 +107,10 @@ def test_every_patch_is_undone_and_leaves_torch_cuda_megatron_verl_and_mbridge_a
     proc = subprocess.run([sys.executable, "-c", _ROUND_TRIP], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report["patches"]) == len(patches.CPU_PATCHES) + 1  # and the testing build's norm patch
+    every = [value for value in vars(patches).values() if isinstance(value, patches.Patch)]
+    assert set(patches.CPU_PATCHES) < set(every)  # with the GPU check's bridges and the testing build's norm patch
+    host_reads = repr(patches.tensor_host_reads(lambda name, original: original))  # one per host-sync counter
+    assert sorted(report["patches"]) == sorted([*(repr(patch) for patch in every), host_reads])
     for name, result in report["patches"].items():
         assert result["applied"], f"{name} changed nothing"
         assert result["after_undo"] == [], f"{name} left {result['after_undo']}"
