@@ -66,7 +66,6 @@ from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_lo
 __all__ = [
     "apply_regime_switches",
     "init_mtp_state",
-    "is_mtp_rl",
     "check_mtp_rl_layout",
     "install_mtp_rl",
     "adapt_bridge",
