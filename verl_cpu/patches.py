@@ -95,7 +95,7 @@ class AttributePatch(Patch):
 
     @staticmethod
     def _raw(owner: Any, name: str) -> Any:
-        if isinstance(owner, (type, ModuleType)):  # a class's own entry: classmethods come back as they were
+        if isinstance(owner, type | ModuleType):  # a class's own entry: classmethods come back as they were
             return vars(owner).get(name, MISSING)
         return getattr(owner, name, MISSING)
 

@@ -18,17 +18,25 @@ PRODUCT = "verl_mtp"
 PLATFORM = "verl_cpu"
 
 # The product's verl integration that the upstream form replaces by edits of verl's own files
-# (see verl_edits.py): the plugin, the engine subclass and its registry swap, the own entry point and its
-# Hydra config.
+# (see verl_edits.py): the plugin, the engine subclass and its registry swap, the own entry point, its Hydra
+# config and its --check (the pre-flight of the plugin's launcher, a later PR of its own).
 ENGINE_SUBCLASS = "workers/engine/megatron/transformer_impl.py"
-NOT_UPSTREAM = ("plugin.py", "workers/engine/registry.py", ENGINE_SUBCLASS, "trainer/main_ppo.py", "trainer/config/")
+NOT_UPSTREAM = (
+    "plugin.py",
+    "workers/engine/registry.py",
+    ENGINE_SUBCLASS,
+    "trainer/main_ppo.py",
+    "trainer/config/",
+    "trainer/config_check.py",
+    "trainer/parallel_layout.py",
+)
 # Classes whose contents move into verl's own class: the product's name becomes verl's.
 CLASS_RENAMES = {"MtpRLConfig": "MtpConfig", "MegatronMTPEngineWithLMHead": "MegatronEngineWithLMHead"}
 
 # Test directories of the MTP-RL path (model, worker loss/config/engine, trainer OCC and config).
 TEST_DIRS = ("tests/models", "tests/trainer", "tests/workers")
-# Tests of what does not go upstream: the plugin's registration and this repository's recipes.
-TESTS_NOT_UPSTREAM = ("test_engine_registration_on_cpu.py", "test_recipes_on_cpu.py")
+# Tests of what does not go upstream: the plugin's registration, this repository's recipes, the launcher's --check.
+TESTS_NOT_UPSTREAM = ("test_engine_registration_on_cpu.py", "test_recipes_on_cpu.py", "test_config_check_on_cpu.py")
 
 # The test-only helpers go into one package of verl's tests (the CPU platform itself is not part of the PR).
 HELPER_PACKAGE = "tests.mtp_rl_support"

@@ -92,7 +92,11 @@ class _HostTensors:
     def add(self, tensors) -> None:
         for t in tensors:
             if not t.is_nested:
-                self._ids[id(t)] = weakref.ref(t, lambda _, key=id(t): self._ids.pop(key, None))
+                self._ids[id(t)] = weakref.ref(t, self._forget(id(t)))
+
+    def _forget(self, key: int):
+        """The callback that drops a collected tensor's id, so that a new tensor reusing it is not taken for it."""
+        return lambda _ref: self._ids.pop(key, None)
 
     def __contains__(self, t: torch.Tensor) -> bool:
         ref = self._ids.get(id(t))
@@ -224,4 +228,4 @@ def _names_device(args, kwargs) -> bool:
     """Whether a ``Tensor.to`` / ``cuda`` call names a device (a dtype-only ``to`` moves nothing)."""
     if "device" in kwargs:
         return True
-    return any(isinstance(a, (str, torch.device, int)) and not isinstance(a, bool) for a in args)
+    return any(isinstance(a, str | torch.device | int) and not isinstance(a, bool) for a in args)

@@ -2,8 +2,8 @@
 Megatron layout, the model, the rollout.
 
 :class:`~verl_mtp.workers.config.mtp.MtpRLConfig` validates its own fields when it is built; what depends on
-other blocks is checked here, from config objects and plain numbers only, so that the trainer's ``--check``
-(:mod:`verl_mtp.trainer.config_check`) finds on a CPU, before any GPU is allocated, what the engine would refuse
+other blocks is checked here, from config objects and plain numbers only, so that a pre-flight check of the trainer
+config (this package's ``main_ppo --check``) finds on a CPU, before any GPU is allocated, what the engine would refuse
 after the cluster has started, and so that the CPU example's launcher shares the one-update rule. Refusals
 raise ``ValueError`` naming the key and the fix; settings that are legal but make a regime meaningless or costly
 come back as warning text.

@@ -110,7 +110,7 @@ class _PolicyLossOnDevice(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.item:
             return args[0].detach()
-        if func is torch.tensor and isinstance(args[0], (bool, int, float)) and kwargs.get("device") is not None:
+        if func is torch.tensor and isinstance(args[0], bool | int | float) and kwargs.get("device") is not None:
             return torch.full((), args[0], **kwargs)
         return func(*args, **kwargs)
 
