@@ -9,12 +9,14 @@ import hydra
 
 import verl_mtp.plugin  # noqa: F401  (the driver process gets the engine too, not only Ray workers)
 from verl.trainer import main_ppo as verl_main_ppo
-from verl_mtp.workers.config.mtp import check_distillation_settings
+from verl_mtp.workers.config.mtp import check_distillation_settings, check_fused_main_head_settings
 
 
 @hydra.main(config_path="config", config_name="mtp_ppo_megatron_trainer", version_base=None)
 def main(config):
-    check_distillation_settings(config.actor_rollout_ref.model.mtp, config.get("distillation"))
+    model = config.actor_rollout_ref.model
+    check_distillation_settings(model.mtp, config.get("distillation"))
+    check_fused_main_head_settings(model.get("use_fused_kernels", False), model.mtp, config.get("distillation"))
     verl_main_ppo.main.__wrapped__(config)
 
 
