@@ -33,6 +33,7 @@ in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MT
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -62,6 +63,8 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
 from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings, check_megatron_mtp_settings
 from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "apply_regime_switches",
@@ -303,6 +306,10 @@ def enable_fused_main_head(engine) -> bool:
     check_fused_main_head_settings(True, mtp)
     engine.fused_main_head = True
     engine.engine_config.use_fused_kernels = False
+    logger.warning(
+        "use_fused_kernels=True with mtp_loss_type=%s: verl's non-fused forward runs the MTP block and the main head "
+        "is scored in chunks of %d tokens (no full logits)", mtp.mtp_loss_type, mtp.logprob_chunk_size,
+    )
     return True
 
 
