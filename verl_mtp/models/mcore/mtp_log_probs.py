@@ -176,25 +176,24 @@ class _ChunkPlan:
 
 class _ChunkBuffers(NamedTuple):
     exp_shifted: torch.Tensor  # [n or chunk, V/tp], the hidden states' dtype
-    logits: torch.Tensor | None  # fp32 chunk buffers of a bf16 model (None: score where the exps are kept)
-    product: torch.Tensor | None
+    logits: torch.Tensor | None  # the fp32 chunk buffer of a bf16 model (None: score where the exps are kept)
     scratch: torch.Tensor | None  # a statistic's pass, [chunk, V/tp] in the logits' dtype
 
 
 def _chunk_buffers(hidden, v_local, plan: _ChunkPlan) -> _ChunkBuffers:
-    """fp32 (at least) in the same pass as the temperature, the product staying in the weights' dtype. An fp32
-    model scores each chunk where its exponentials are kept; a bf16 one reuses one fp32 chunk buffer (a fresh
-    buffer per chunk would cost its page faults on CPU)."""
+    """The product lands where the chunk's exponentials will be kept, in the weights' dtype, and goes to fp32
+    (at least) in the same pass as the temperature: an fp32 model scores each chunk there, a bf16 one reuses
+    one fp32 chunk buffer (a fresh buffer per chunk would cost its page faults on CPU)."""
     n = hidden.shape[0]
     rows = min(plan.chunk, n)
     exp_shifted = hidden.new_empty(n if plan.keep else rows, v_local)
     logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = product = scratch = None
+    logits = scratch = None
     if logits_dtype != hidden.dtype:
-        logits, product = hidden.new_empty(rows, v_local, dtype=logits_dtype), hidden.new_empty(rows, v_local)
+        logits = hidden.new_empty(rows, v_local, dtype=logits_dtype)
     if plan.stats.entropy or plan.stats.sum_pi_squared:
         scratch = hidden.new_empty(rows, v_local, dtype=logits_dtype)
-    return _ChunkBuffers(exp_shifted, logits, product, scratch)
+    return _ChunkBuffers(exp_shifted, logits, scratch)
 
 
 def _per_row(hidden, n: int, wanted: bool = True) -> torch.Tensor | None:
@@ -215,9 +214,8 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         for s in range(0, n, plan.chunk):
             e = min(s + plan.chunk, n)
             kept = buf.exp_shifted[s:e] if plan.keep else buf.exp_shifted[: e - s]
-            product = kept if buf.logits is None else buf.product[: e - s]
             logits = kept if buf.logits is None else buf.logits[: e - s]
-            torch.mul(torch.mm(hidden[s:e], weight.t(), out=product), inv_temperature[s:e, None], out=logits)
+            torch.mul(torch.mm(hidden[s:e], weight.t(), out=kept), inv_temperature[s:e, None], out=logits)
             scratch = None if buf.scratch is None else buf.scratch[: e - s]
             block = _score_block(
                 logits, safe_labels[s:e], in_shard[s:e], kept, plan.group, plan.vocab_start, plan.stats, scratch
