@@ -347,13 +347,13 @@ def count_regimes(shape: ModelShape, seq: int, regimes, chunk: int, dtype=torch.
             with _megatron_moe_on_fake_cpu(), fake_mode:
                 model = build_counting_gpt(shape, seq, dtype)
                 _grads_into_main_grad_buffer(model)
-                hook, loss_fn = patch_regime(model, regime, chunk, base_loss)
-                step = make_step(step_args, model, hook, loss_fn, data)
+                hooks, loss_fn = patch_regime(model, regime, chunk, base_loss)
+                step = make_step(step_args, model, hooks, loss_fn, data)
                 cost = StepCost(fake_mode, vocab=shape.vocab)
                 with _chunked_phases(cost), cost:
                     step()
                 costs[regime] = cost
-                del model, step, hook
+                del model, step, hooks
     finally:
         torch.set_default_dtype(saved_dtype)
     return costs

@@ -3,7 +3,8 @@
 The counted step runs the real regime patches, verl's loss and the backward on a fake-tensor Megatron model, so
 the hand count below pins both the counter and what each regime computes: every regime's matrix products are
 those of ``detach`` (``rl`` adds no trunk work, and the chunked head keeps what its backward needs instead of
-recomputing the head's product).
+recomputing the head's product), with verl's ``use_fused_kernels`` (``*_fused``: the main head scored in chunks)
+too.
 """
 
 import pytest
@@ -31,11 +32,16 @@ def hand_count(shape: ModelShape, t: int) -> int:
 
 
 def test_every_regime_counts_exactly_the_hand_counted_products():
-    costs = count_regimes(SHAPE, SEQ, ["detach", "ce", "rl", "rl_occ", "rl_materialised"], chunk=7)
+    regimes = ["detach", "ce", "rl", "rl_occ", "rl_materialised", "detach_fused", "ce_fused", "rl_fused", "rl_occ_fused"]
+    costs = count_regimes(SHAPE, SEQ, regimes, chunk=7)
     want = hand_count(SHAPE, SEQ)
     assert {name: cost.flops for name, cost in costs.items()} == dict.fromkeys(costs, want)
     assert costs["rl"].phase_flops.get("chunked_recompute", 0) == 0
     assert costs["rl"].phase_flops["chunked_forward"] == 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    # use_fused_kernels: the main head's products move into the chunked function, none is added
+    assert costs["detach_fused"].phase_flops["chunked_forward"] == 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    assert costs["rl_fused"].phase_flops["chunked_forward"] == 2 * 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    assert costs["rl_fused"].phase_flops.get("chunked_recompute", 0) == 0
 
 
 def test_bytes_and_peak_of_a_known_sequence_of_operators():
