@@ -10,10 +10,12 @@ THD and BSHD, per-sequence temperatures 0.7-1.3, with the entropy in the loss (`
 Asserted: verl's forward handed the processor logits of the full vocabulary unfused and an empty stand-in fused;
 log-probs, entropy and every MTP head's outputs, the loss and every parameter's gradient are equal (fp32,
 1e-5). Forward only (verl's compute_log_prob): log-probs, entropy and verl's sum of squared probabilities equal.
-What cannot run fused is refused with the setting named.
+What cannot run fused is refused with the setting named. The fused scoring, forward and backward, reads
+nothing back to the host (verl's processor does).
 """
 
 from functools import cache, partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,12 +23,16 @@ from omegaconf import OmegaConf
 from support.actor_config import DAPO, mtp_actor_config
 from support.engine_micro_batch import actor_batch, flat_outputs, micro_batch, param_grads, prepared_engine
 from support.mtp_parallel import MODEL_KW
-from verl_cpu.testing import build_tiny_gpt
+from support.mtp_reference import apply_regime, main_labels
+from torch.utils._python_dispatch import TorchDispatchMode
+from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
+from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.main_head_scoring import MainHeadCapture
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings
+from verl_mtp.workers.engine.megatron import mtp_engine_hooks
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
@@ -141,3 +147,54 @@ def test_the_capture_restores_the_model_and_refuses_an_output_layer_with_a_bias(
     model.output_layer.bias = torch.nn.Parameter(torch.zeros(VOCAB))
     with pytest.raises(NotImplementedError, match="use_fused_kernels=False"):
         MainHeadCapture(CHUNK).patch(model)
+
+
+class HostReads(TorchDispatchMode):
+    """Operators that make the host wait for the device: a scalar read (``item``, ``bool`` of a tensor ...) or
+    an output whose shape depends on values (``nonzero``, boolean-mask indexing)."""
+
+    DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique2", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if name == "_local_scalar_dense" or name in self.DATA_DEPENDENT or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_scoring_reads_nothing_back_to_the_host():
+    """The processor and the backward (through the model, Megatron's MTP cross-entropy included) of the fused
+    main head: no host read (verl's unfused processor makes some: its temperature check, Megatron's
+    cross-entropy masks), so the path adds nothing to a step's syncs."""
+    model = build_tiny_gpt(2, seed=7, **MODEL_KW)
+    apply_regime(model, mtp_config("detach"))
+    capture = MainHeadCapture(CHUNK).patch(model)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    prepare_mtp_loss_tracker(2)
+    logits = model(ids, torch.arange(9).expand(2, 9).contiguous(), causal_attention_mask(2, 9),
+                   labels=main_labels(ids, [9, 9]))
+    labels, temperature = main_labels(ids, [9, 9]), torch.full((2, 9), 0.8)
+    flags = dict(calculate_sum_pi_squared=False, calculate_entropy=True, distillation_use_topk=False,
+                 distillation_only=False, logits_processor_func=None)
+    engine = SimpleNamespace(main_head_capture={model: capture})
+    with HostReads() as fused:
+        out = mtp_engine_hooks.fused_main_head_scores(engine, labels, temperature, **flags)
+        (out["log_probs"].sum() + out["entropy"].sum()).backward()
+    assert logits.shape == (2, 9, 0) and model.output_layer.weight.grad.abs().sum() > 0
+    assert fused.ops == []
+
+    verl_logits = torch.randn(2, 9, VOCAB, requires_grad=True)
+    verl_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False))
+    with HostReads() as verl:
+        out = MegatronEngineWithLMHead._lm_head_logits_processor(
+            verl_engine, verl_logits.clone(), labels, torch.full((2, 9), 0.8), batch=None, data_format="bshd", **flags
+        )
+        (out["log_probs"].sum() + out["entropy"].sum()).backward()
+    assert "_local_scalar_dense" in verl.ops  # the counter sees what it counts

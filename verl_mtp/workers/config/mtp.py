@@ -217,10 +217,11 @@ class MtpRLConfig(MtpConfig):
 
     train_lm_head: whether the MTP policy loss may update the shared output layer (``rl`` only). Default
         False, as verl's MTP losses never update it: the main head's distribution stays the policy's own.
-    logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl`` only):
+    logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl``):
         a head's fp32 full-vocabulary logits live only per chunk; the backward keeps ``exp(logits - max)`` in
         the hidden states' dtype. 0 runs the head through Megatron's output layer and keeps its logits (more
-        memory).
+        memory). With verl's ``use_fused_kernels=True`` (any regime) the main head is scored in chunks of this
+        size too, so it must be > 0 there.
     detached_head_ce_coef: ``rl`` only, ours, off (0) by default. When > 0 the heads are run a second time on
         detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
         (split over heads), so they keep learning as in ``detach`` (speculative-decoding drafts stay fresh)
