@@ -121,8 +121,8 @@ class VocabProducts(TorchDispatchMode):
 @pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, train_lm_head):
-    """Forward (one per chunk of tokens), input gradient and (trained lm_head) weight gradient of a head (one
-    each, over all tokens): 2-D products, never a batched one, and no product recomputed in the backward.
+    """Forward and input gradient (one each per chunk of tokens) and a trained lm_head's weight gradient (one,
+    over all tokens) of a head: 2-D products, never a batched one, and no product recomputed in the backward.
 
     Before the materialised path scored a 2-D view, its temperature division laid the logits out with the
     size-1 batch dimension outermost (b = 1, verl's packed micro-batches); with the lm_head frozen (the default)
@@ -140,8 +140,8 @@ def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, 
     with VocabProducts(vocab) as products:
         scored = score_mtp_heads(out, bshd_head_labels(ids, [s] * b, 1), torch.full((b, s), 0.7))
         (scored[mtp_output_keys(1)[0]] * torch.rand(b, s)).sum().backward()  # a [b, s] upstream, as verl's loss
-    forward = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one per chunk of tokens
-    assert products.ops == ["mm"] * (forward + (2 if train_lm_head else 1))
+    passes = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one per chunk of tokens
+    assert products.ops == ["mm"] * (2 * passes + (1 if train_lm_head else 0))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])

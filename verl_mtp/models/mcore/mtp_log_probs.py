@@ -11,8 +11,8 @@ fp32 logits ``[chunk, V/tp]`` live only inside the forward's chunk loop. What th
 ``exp(logits - max)``, is kept in the hidden states' dtype (``T * V/tp`` values, half the bytes of the fp32
 softmax Megatron's cross-entropy keeps under bf16), so the backward never recomputes the head's matrix product:
 it turns the kept exponentials into the logits' gradient in place, ``d log p_y / d logits = onehot(y) - softmax``
-(and ``-p (log p + H)`` for the entropy ``H``), then makes the input and weight gradients with one product each,
-as the output layer's own backward does. Without a gradient to compute only one chunk's exponentials are held.
+(and ``-p (log p + H)`` for the entropy ``H``), chunk by chunk with the input gradient's product, then makes the
+weight gradient with one product over all tokens, in the weight's dtype, as the output layer's backward does. Without a gradient to compute only one chunk's exponentials are held.
 
 With ``logprob_chunk_size = 0`` the head runs through Megatron's output layer and the same scoring runs once on
 its fp32 logits, in place: the maximum and top-1 id in one pass, the shift, the exponential and the sum, the
@@ -132,7 +132,7 @@ def _logits_grad_in_place(
         coef = coef + grad_entropy.float() * (entropy + torch.log(inv_sum_exp))
         e_log_e = torch.special.xlogy(exp_shifted, exp_shifted, out=scratch)
         e_log_e.mul_((-grad_entropy.float() * inv_sum_exp * inv_temperature).to(exp_shifted.dtype)[:, None])
-    exp_shifted.mul_((-coef * inv_sum_exp * inv_temperature).to(exp_shifted.dtype)[:, None])
+    exp_shifted.mul_((-(coef * inv_temperature) * inv_sum_exp).to(exp_shifted.dtype)[:, None])
     if grad_entropy is not None:
         exp_shifted.add_(e_log_e)
     return exp_shifted.scatter_add_(1, safe_labels[:, None], (onehot_coef * in_shard).to(exp_shifted.dtype)[:, None])
@@ -238,21 +238,22 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         hidden, weight, exp_shifted, safe_labels, in_shard, inv_temperature, inv_sum_exp, entropy = ctx.saved_tensors
         n, chunk = hidden.shape[0], ctx.plan.chunk
         scratch = None if grad_entropy is None else exp_shifted.new_empty(min(chunk, n), exp_shifted.shape[1])
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, n, chunk):  # in place, chunk by chunk: no [tokens, V/tp] buffer beyond the kept one
             e = min(s + chunk, n)
             rows = slice(s, e)
-            _logits_grad_in_place(
+            grad_logits = _logits_grad_in_place(
                 exp_shifted[rows], safe_labels[rows], in_shard[rows], inv_temperature[rows], inv_sum_exp[rows],
                 None if grad_log_probs is None else grad_log_probs[rows],
                 None if entropy is None else entropy[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 None if scratch is None else scratch[: e - s],
             )
-        grad_logits, grad_hidden, grad_weight = exp_shifted, None, None
-        if ctx.needs_input_grad[0]:  # one product each, as the output layer's backward makes them
-            grad_hidden = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = hand_over_weight_grad(weight, grad_logits.t() @ hidden, ctx.plan.fuse_wgrad)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # one product over all tokens, in the weight's dtype: no fp32 accumulator
+            grad_weight = hand_over_weight_grad(weight, exp_shifted.t() @ hidden, ctx.plan.fuse_wgrad)
         return grad_hidden, grad_weight, None, None, None
 
 
