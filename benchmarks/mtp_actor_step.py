@@ -1,7 +1,9 @@
 """Actor-update cost of each MTP regime against ``detach``, measured in one run.
 
 One actor micro-batch step = model forward with the regime's MTP patch (verl's for ``detach``/``ce``, ours for
-``rl``), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
+``rl``), the main head scored as the engine's logits processor scores it (verl's processor on the fp32 logits
+Megatron's ``Float16Module`` hands it; for a ``*_fused`` regime, verl's ``use_fused_kernels=True``, the chunked
+function on the captured hidden states), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
 each on its own copy of the same model, and their steps are interleaved round by round (each round starting
 with another regime), so a drift of the machine's speed hits every regime alike. A regime's time is read as
 its ratio over ``detach`` within each round: printed are the median ratio, its interquartile range and a

@@ -72,3 +72,15 @@ def test_a_parameter_gradient_leaves_the_live_tensors_once_megatron_ddp_would_ta
     assert 40000 <= cost.peak < 80000
     assert (layer.weight.grad is None) == megatron_ddp
     assert cost.live == (0 if megatron_ddp else 40000)
+
+
+def test_the_peaks_vocabulary_sized_part_is_what_was_live_at_the_peak():
+    cost = StepCost(fake_mode=None, vocab=10)
+    with cost:
+        logits = torch.ones(5, 10)  # vocabulary-sized: 200 bytes
+        other = torch.ones(100)  # live 600: the peak so far, 200 of it vocabulary-sized
+        assert (cost.peak, cost.peak_vocab) == (600, 200)
+        del logits
+        more = torch.ones(60)  # live 640: a new peak without any vocabulary-sized tensor
+        del other, more
+    assert (cost.peak, cost.peak_vocab, cost.live_vocab) == (640, 0, 0)
