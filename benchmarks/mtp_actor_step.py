@@ -19,11 +19,18 @@ estimator (``occ.estimator=gradient``): the passes the engine adds (the RL loss 
 unit-coefficient MTP loss alone, each forward + backward, the trunk-gradient inner products) before the step
 with the resulting lambda; its ratio over ``rl_occ`` is printed too.
 
+With ``--syncs`` each regime's step is also counted for host synchronisations
+(:class:`benchmarks.host_syncs.HostSyncCounter`), and on CUDA the profiler's ``cudaStreamSynchronize`` calls of
+the same step are printed beside the count, so the CPU count can be checked against what the device does.
+
     python -m benchmarks.mtp_actor_step                                   # CPU default sizes
     python -m benchmarks.mtp_actor_step --vocab 151936 --seq 4096 --hidden 1024 --layers 8
+    python -m benchmarks.mtp_actor_step --device cuda --vocab 151936 --seq 4096 --hidden 2048 --layers 16 --syncs
 
-The model is a real Megatron-Core GPTModel with MTP heads (local layer spec) built by ``verl_cpu.testing`` with the
-CPU platform's own mechanism, so this measures CPU here; the ratios, not the seconds, are what carries over.
+On CPU the model is a real Megatron-Core GPTModel with MTP heads (local layer spec, fp32) built by
+``verl_cpu.testing`` with the CPU platform's own mechanism; on CUDA a bf16 GPTModel (Megatron's ``Float16Module``)
+with TransformerEngine's layer spec when it imports, the local spec otherwise (said in the header line). Memory
+is the exact peak of live tensor bytes on CPU and the allocator's peak (``max_memory_allocated``) on CUDA.
 """
 
 from __future__ import annotations
@@ -186,16 +193,57 @@ class GradientRegimeLoss:
         run_pass(self.full_loss(lam))
 
 
-def build_regimes(args):
+def build_cuda_gpt(args, seed: int = 0):
+    """A bf16 GPTModel with MTP heads on the current CUDA device; its layer spec's name.
+
+    Single-process NCCL and Megatron's parallel state are set up once. TransformerEngine's layer spec when TE
+    imports, the local spec otherwise (megatron-core 0.19's TE spec getter raises ``TypeError`` without TE).
+    """
+    import importlib.util
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not dist.is_initialized():
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    use_te = importlib.util.find_spec("transformer_engine") is not None
+    spec = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec() if use_te
+            else gpt_layer_specs.get_gpt_layer_local_spec())
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=max(args.hidden // 128, 1),
+        mtp_num_layers=args.heads, bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
+        attention_dropout=0.0, add_bias_linear=False, gradient_accumulation_fusion=False,
+    )
+    mtp_spec = gpt_layer_specs.get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
+                     max_sequence_length=args.seq, position_embedding_type="rope", mtp_block_spec=mtp_spec)
+    return Float16Module(config, model.cuda()), "TransformerEngine" if use_te else "local (no TransformerEngine)"
+
+
+def build_model(args):
+    """The benchmark's model on ``args.device``: tiny-GPT builder on CPU (fp32), :func:`build_cuda_gpt` on CUDA."""
+    if args.device == "cuda":
+        return build_cuda_gpt(args)[0]
     from verl_cpu.testing import build_tiny_gpt
 
+    return build_tiny_gpt(
+        args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
+    )
+
+
+def build_regimes(args):
     base_loss = base_ppo_loss()
     regimes = {}
     for regime in args.regimes:
-        model = build_tiny_gpt(
-            args.heads, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-            num_attention_heads=max(1, args.hidden // 64), seq_len=args.seq, seed=0,
-        )
+        model = build_model(args)
         regimes[regime] = (model, *patch_regime(model, regime, args.chunk, base_loss))
     return regimes
 
@@ -223,17 +271,17 @@ def make_step(args, model, hooks: RegimeHooks, loss_fn, data):
     """One actor micro-batch step of a regime, with what it installed (``hooks``)."""
     from verl_cpu.testing import causal_attention_mask, prepare_mtp_loss_tracker
     from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
-    from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+    from verl_mtp.models.mcore.mtp_head_labels import bshd_sequence_ids, head_targets
     from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 
     ids = data["input_ids"].values()[None]
     labels = torch.roll(ids, -1, dims=1)
-    pos = torch.arange(args.seq)[None]
-    mask = causal_attention_mask(1, args.seq)
+    pos = torch.arange(args.seq, device=ids.device)[None]
+    mask = causal_attention_mask(1, args.seq, device=ids.device)
     offsets = data["input_ids"].offsets()
 
     def run_pass(loss_fn):
-        prepare_mtp_loss_tracker(args.heads)
+        prepare_mtp_loss_tracker(args.heads, device=ids.device)
         # fp32 logits, as Megatron's Float16Module hands them to verl (the model's own output is freed); under
         # use_fused_kernels an empty stand-in
         logits = model(ids, pos, mask, labels=labels).float()
@@ -243,7 +291,7 @@ def make_step(args, model, hooks: RegimeHooks, loss_fn, data):
         output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=offsets)}
         mtp_out = hooks.rl_postprocess.pop_output() if hooks.rl_postprocess is not None else None
         if mtp_out is not None:
-            targets = pack_head_labels(data["input_ids"], args.heads, "bshd")
+            targets = head_targets(data["input_ids"], bshd_sequence_ids(1, args.seq, ids.device), pos, args.heads)
             scored = score_mtp_heads(mtp_out, targets, temperature)
             output.update(align_mtp_outputs(
                 {k: torch.nested.nested_tensor_from_jagged(v[0], offsets=offsets) for k, v in scored.items()}
@@ -261,6 +309,34 @@ def make_step(args, model, hooks: RegimeHooks, loss_fn, data):
     return step
 
 
+class _Clock:
+    """Step timing and peak memory on the benchmark's device (CUDA: synchronised, the allocator's peak)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def time(self, step) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def peak(self, step) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        tracker = PeakTensorMemory()
+        with tracker:
+            step()
+        return tracker.peak
+
+
 def measure(args, vocab, seq):
     import verl_mtp.workers.utils.losses as losses_mod
     from verl_cpu.testing import make_actor_batch
@@ -268,8 +344,9 @@ def measure(args, vocab, seq):
     args = argparse.Namespace(**{**vars(args), "vocab": vocab, "seq": seq})
     regimes = build_regimes(args)
     prompt = seq // 4
-    data = make_actor_batch([prompt], [seq - prompt], vocab_size=vocab, seed=0)
+    data = make_actor_batch([prompt], [seq - prompt], vocab_size=vocab, seed=0).to(args.device)
     steps = {name: make_step(args, *regime, data) for name, regime in regimes.items()}
+    clock = _Clock(args.device)
 
     occ_time = []
     real_stats = losses_mod.occ_statistics
@@ -280,28 +357,40 @@ def measure(args, vocab, seq):
         occ_time.append(time.perf_counter() - t0)
         return out
 
-    peaks, times, occ_share = {}, {name: [] for name in steps}, []
-    for name, step in steps.items():  # warm-up, and the exact memory peak of one step
-        tracker = PeakTensorMemory()
-        with tracker:
-            step()
-        peaks[name] = tracker.peak
+    peaks = {name: clock.peak(step) for name, step in steps.items()}  # also the warm-up
+    syncs = {name: count_syncs(step, args.device) for name, step in steps.items()} if args.syncs else {}
+    times, occ_share = {name: [] for name in steps}, []
     losses_mod.occ_statistics = timed_stats
     names = list(steps)
     try:
         for round_index in range(args.repeats):
             # each round runs every regime once, starting with a different one, so order effects cancel
             for name in names[round_index % len(names):] + names[: round_index % len(names)]:
-                step = steps[name]
                 occ_time.clear()
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
-                if name == "rl_occ":
+                times[name].append(clock.time(steps[name]))
+                if name == "rl_occ" and not clock.cuda:  # host time of OCC's statistics (launches only on CUDA)
                     occ_share.append(sum(occ_time) / times[name][-1])
     finally:
         losses_mod.occ_statistics = real_stats
-    return times, peaks, occ_share
+    return times, peaks, occ_share, syncs
+
+
+def count_syncs(step, device: str) -> dict:
+    """Host synchronisations of one step: the dispatcher-level count and, on CUDA, the profiler's
+    ``cudaStreamSynchronize`` calls of the same step."""
+    from benchmarks.host_syncs import HostSyncCounter
+
+    with HostSyncCounter(device) as counter:
+        step()
+    out = {"counted": counter.total, "by_kind": counter.by_kind()}
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        out["cudaStreamSynchronize"] = sum(1 for e in prof.events() if e.name == "cudaStreamSynchronize")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +422,9 @@ class RatioSpread:
         return text + (" [spread exceeds the effect]" if self.spread_exceeds_effect else "")
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--hidden", type=int, default=256)
@@ -344,29 +434,45 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median ratio is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
-    args = p.parse_args()
+    p.add_argument("--syncs", action="store_true", help="count each regime's host synchronisations of one step")
+    args = p.parse_args(argv)
     if "detach" not in args.regimes:
         args.regimes.insert(0, "detach")
+    return args
+
+
+def report(args, vocab, seq, times, peaks, occ_share, syncs) -> None:
+    where = f"vocab={vocab} seq={seq}"
+    base_t, base_m = statistics.median(times["detach"]), peaks["detach"]
+    print(f"{where} detach: step {base_t:.4f}s peak_mem {base_m / 2**20:.0f}MiB")
+    for name in args.regimes:
+        if name == "detach":
+            continue
+        spread = RatioSpread.of(times[name], times["detach"])
+        line = f"{where} {name}/detach: step_time {spread} peak_mem {peaks[name] / base_m:.3f}x"
+        if name == "rl_occ" and occ_share:
+            line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
+        print(line, flush=True)
+    if "rl_occ" in times and "rl_occ_gradient" in times:
+        print(f"{where} rl_occ_gradient/rl_occ: step_time {RatioSpread.of(times['rl_occ_gradient'], times['rl_occ'])}")
+    for name, count in syncs.items():
+        device = f" cudaStreamSynchronize {count['cudaStreamSynchronize']}" if "cudaStreamSynchronize" in count else ""
+        added = count["counted"] - syncs["detach"]["counted"]
+        print(f"{where} {name}: host_syncs {count['counted']} ({added:+d} over detach){device} {count['by_kind']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    spec = ""
+    if args.device == "cuda":
+        spec = f", {torch.cuda.get_device_name()}, bf16"
     print(f"# model: hidden {args.hidden}, {args.layers} layers, {args.heads} MTP head(s); rl chunk {args.chunk}; "
-          f"per-round ratios over {args.repeats} interleaved rounds: median, interquartile range, bootstrap "
-          f"interval; memory = peak live tensor bytes of one step")
+          f"{args.device}{spec}; per-round ratios over {args.repeats} interleaved rounds: median, interquartile "
+          f"range, bootstrap interval; memory = peak of one step")
     for vocab in list(args.vocab):
         for seq in list(args.seq):
-            times, peaks, occ_share = measure(args, vocab, seq)
-            base_t, base_m = statistics.median(times["detach"]), peaks["detach"]
-            print(f"vocab={vocab} seq={seq} detach: step {base_t:.3f}s peak_tensor_mem {base_m / 2**20:.0f}MiB")
-            for name in args.regimes:
-                if name == "detach":
-                    continue
-                spread = RatioSpread.of(times[name], times["detach"])
-                line = f"vocab={vocab} seq={seq} {name}/detach: step_time {spread} peak_mem {peaks[name] / base_m:.3f}x"
-                if name == "rl_occ" and occ_share:
-                    line += f" occ_share {100 * statistics.median(occ_share):.3f}%"
-                print(line, flush=True)
-            if "rl_occ" in times and "rl_occ_gradient" in times:
-                spread = RatioSpread.of(times["rl_occ_gradient"], times["rl_occ"])
-                print(f"vocab={vocab} seq={seq} rl_occ_gradient/rl_occ: step_time {spread}", flush=True)
+            report(args, vocab, seq, *measure(args, vocab, seq))
 
 
 if __name__ == "__main__":

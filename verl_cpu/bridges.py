@@ -12,7 +12,9 @@ Second blocker: mbridge 0.15.1 ``mbridge.core.util.get_model`` moves every chunk
 on CPU, no pipeline/virtual-pipeline stages (tensor and data parallelism only).
 
 Registered through mbridge's own registry (``mbridge.core.bridge.register_model``), replacing the entries for
-the model types below only when the CPU platform is active (:mod:`verl_cpu.plugin`).
+the model types below only when the CPU platform is active (:mod:`verl_cpu.plugin`). The GPU check registers the
+same local-spec bridges with ``on_cpu=False`` on a GPU machine without TransformerEngine: mbridge's own model
+building (on CUDA) is kept, only the layer spec and the core attention change.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def _build_cpu_chunk(bridge, wrap_with_ddp: bool, half: bool, ddp_config, post_m
     return model
 
 
-def make_cpu_bridge(base: type) -> type:
-    """Subclass of mbridge bridge ``base`` that builds the local spec (and a local MTP block spec)."""
+def make_cpu_bridge(base: type, on_cpu: bool = True) -> type:
+    """Subclass of mbridge bridge ``base`` that builds the local spec (and a local MTP block spec); ``on_cpu``:
+    it also builds the model on CPU (:func:`_build_cpu_chunk`) instead of mbridge's ``get_model`` (CUDA)."""
 
     class CPUBridge(base):
         _ATTENTION_MAPPING = {  # MimoBridge routes MTP inner-layer names straight to the attention mapping
@@ -106,6 +109,12 @@ def make_cpu_bridge(base: type) -> type:
 
         def get_model(self, weight_path=None, wrap_with_ddp=True, fp16=False, bf16=True, ddp_config=None,
                       post_model_creation_callbacks=(), extra_provider_args=None, **kwargs):
+            if not on_cpu:
+                return super().get_model(
+                    weight_path=weight_path, wrap_with_ddp=wrap_with_ddp, fp16=fp16, bf16=bf16, ddp_config=ddp_config,
+                    post_model_creation_callbacks=post_model_creation_callbacks,
+                    extra_provider_args=extra_provider_args, **kwargs,
+                )
             chunks = [_build_cpu_chunk(self, wrap_with_ddp, fp16 or bf16, ddp_config, post_model_creation_callbacks,
                                        extra_provider_args, kwargs)]
             if weight_path:
@@ -116,8 +125,9 @@ def make_cpu_bridge(base: type) -> type:
     return CPUBridge
 
 
-def register_cpu_bridges(model_types=_CPU_MODEL_TYPES) -> None:
-    """Replace mbridge's bridges for ``model_types`` with their local-spec CPU subclasses. Idempotent."""
+def register_cpu_bridges(model_types=_CPU_MODEL_TYPES, on_cpu: bool = True) -> None:
+    """Replace mbridge's bridges for ``model_types`` with their local-spec subclasses (built on CPU with
+    ``on_cpu``, by mbridge on CUDA otherwise). Idempotent."""
     from verl.models.mcore.mbridge import AutoBridge  # noqa: F401  (verl's mbridge patches first)
     from mbridge.core.bridge import _MODEL_REGISTRY
 
@@ -125,4 +135,4 @@ def register_cpu_bridges(model_types=_CPU_MODEL_TYPES) -> None:
         base = _MODEL_REGISTRY.get(model_type)
         if base is None or base is _registered.get(model_type):
             continue
-        _registered[model_type] = _MODEL_REGISTRY[model_type] = make_cpu_bridge(base)
+        _registered[model_type] = _MODEL_REGISTRY[model_type] = make_cpu_bridge(base, on_cpu)

@@ -1,7 +1,7 @@
 """Per-head targets and log-probs across verl's packing: CP = 2 (zig-zag split) and TP = 2 (alignment padding).
 
 On 2 gloo ranks, a micro-batch of packed sequences goes through the product path the engine uses: the main input
-ids packed by verl's ``preprocess_thd_engine``, each head's targets by ``pack_head_labels`` (the same packing),
+ids packed by verl's ``preprocess_thd_engine``, each head's targets gathered by ``head_targets`` from that layout,
 a stand-in head whose log-prob at a slot is a fixed function of (token it reads, target it scores), verl's
 ``postprocess_thd_engine`` (which all-gathers the CP shards back into whole sequences), then
 ``align_mtp_outputs``. Every rank must get exactly the single-process, unpacked answer: aligned entry ``j`` of
@@ -14,12 +14,13 @@ test_mtp_context_parallel_rl_on_cpu.py.
 
 import pytest
 import torch
+from megatron.core import parallel_state as mpu
 from verl_cpu.testing import init_cpu_megatron, run_cpu_ranks
 
 import verl  # noqa: F401  (import verl before verl_mtp)
-from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
+from verl.models.mcore.util import _packed_seq_params_supports, postprocess_thd_engine, preprocess_thd_engine
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_output_keys
-from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+from verl_mtp.models.mcore.mtp_head_labels import head_targets, thd_sequence_ids
 
 pytestmark = pytest.mark.multiprocess
 
@@ -39,9 +40,10 @@ def fake_head(reads: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 def _rank(info, tp, cp, layout):
     init_cpu_megatron(tp=tp, cp=cp, rank=info.rank, world_size=info.world_size, init_method=info.init_method)
     ids = torch.nested.as_nested_tensor(sequences(), layout=torch.jagged)
-    packed_ids, params, _ = preprocess_thd_engine(ids, pre_process=True, cp_layout=layout)
+    packed_ids, params, positions = preprocess_thd_engine(ids, pre_process=True, cp_layout=layout)
+    sequence_ids = thd_sequence_ids(params.cu_seqlens_q_padded, positions.shape[-1], cp, mpu.get_context_parallel_rank(), layout)
     outputs = {}
-    for k, targets in enumerate(pack_head_labels(ids, K, "thd", cp_layout=layout), start=1):
+    for k, targets in enumerate(head_targets(ids, sequence_ids[None], positions, K), start=1):
         lp_key, _, top1_key = mtp_output_keys(k)
         outputs[lp_key] = fake_head(packed_ids, targets)
         outputs[top1_key] = (targets % 2).to(torch.float32)
@@ -67,10 +69,15 @@ def expected():
     return out
 
 
-@pytest.mark.parametrize("tp, cp", [(1, 2), (2, 1)], ids=["cp2-zigzag", "tp2-padded"])
-def test_head_alignment_through_verls_packing_equals_unpacked(tp, cp):
+@pytest.mark.parametrize(
+    "tp, cp, layout", [(1, 2, "zigzag"), (1, 2, "contiguous"), (2, 1, "zigzag")],
+    ids=["cp2-zigzag", "cp2-contiguous", "tp2-padded"],
+)
+def test_head_alignment_through_verls_packing_equals_unpacked(tp, cp, layout):
+    if layout == "contiguous" and not _packed_seq_params_supports("cp_partition_mode"):
+        pytest.skip("verl's contiguous CP layout needs megatron-core's PackedSeqParams.cp_partition_mode (0.17+)")
     want = expected()
-    for rank, got in enumerate(run_cpu_ranks(_rank, 2, tp, cp, "zigzag")):
+    for rank, got in enumerate(run_cpu_ranks(_rank, 2, tp, cp, layout)):
         for key, seqs in want.items():
             for i, (g, w) in enumerate(zip(got[key], seqs, strict=True)):
                 assert g == pytest.approx(w), (rank, key, i)

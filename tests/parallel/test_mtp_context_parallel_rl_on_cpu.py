@@ -21,25 +21,36 @@ bug class), or a chunk placed at the wrong global position, changes the numbers.
 """
 
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from support.actor_config import DAPO, mtp_actor_config
-from support.mtp_parallel import MODEL_KW, MODEL_SEED, RANK_SEED, apply_rl, full_params, grads, load_tp_shards
-from verl_cpu.testing import build_tiny_gpt, init_cpu_megatron, make_actor_batch, run_cpu_ranks
-
+from support.bare_engine import bare_engine
+from support.mtp_parallel import (
+    MODEL_KW,
+    MODEL_SEED,
+    RANK_SEED,
+    apply_rl,
+    full_params,
+    grads,
+    load_tp_shards,
+)
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
-from verl.utils import torch_functional as verl_F
 from verl.utils import tensordict_utils as tu
+from verl.utils import torch_functional as verl_F
 from verl.workers.utils.losses import ppo_loss
+
+from verl_cpu.testing import (
+    build_tiny_gpt,
+    init_cpu_megatron,
+    make_actor_batch,
+    run_cpu_ranks,
+)
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
-from verl_mtp.trainer.ppo.mtp_occ import OCCState
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
-from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineWithLMHead
 
 pytestmark = pytest.mark.multiprocess
 
@@ -60,24 +71,6 @@ def actor_batch():
     data["temperature"] = torch.tensor(TEMPERATURES)
     tu.assign_non_tensor(data, num_micro_batch=1)
     return data
-
-
-def bare_engine(hook: MTPRLPostprocess, mtp_cfg: MtpRLConfig, fmt: str) -> MegatronMTPEngineWithLMHead:
-    """The product engine with only what one micro-batch's forward and loss read (``__init__`` skipped)."""
-    engine = object.__new__(MegatronMTPEngineWithLMHead)
-    engine.model_config = SimpleNamespace(mtp=mtp_cfg)
-    engine.engine_config = SimpleNamespace(
-        use_remove_padding=fmt == "thd",
-        pad_to_length=False,
-        pad_to_length_bucket=None,
-        dynamic_context_parallel=False,
-        context_parallel_size=parallel_state.get_context_parallel_world_size(),
-    )
-    engine.tf_config = None
-    engine.occ_state = OCCState(mtp_cfg.occ)
-    engine.rl_postprocess = {hook.model: hook}
-    engine._mtp_loss_mode, engine._mtp_coefficients = None, None  # the full loss, OCC's own lambda
-    return engine
 
 
 def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):

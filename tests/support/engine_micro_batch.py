@@ -54,7 +54,8 @@ def prepared_engine(model, mtp_config, fmt: str, use_fused_kernels: bool) -> Meg
         use_distributed_optimizer=False,
         entropy_from_logits_with_chunking=False,  # verl's default
     )
-    engine.module, engine.tf_config, engine.is_value_model = [model], None, False
+    engine.module, engine.is_value_model = [model], False
+    engine.tf_config = SimpleNamespace(mtp_num_layers=model.config.mtp_num_layers, calculate_per_token_loss=False)
     engine._maybe_enable_fused_kernels()
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole model
         patch_engine_mtp(engine.module, engine.model_config)

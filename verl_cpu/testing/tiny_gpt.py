@@ -57,17 +57,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_mtp_loss_tracker(num_mtp_layers: int) -> None:
+def prepare_mtp_loss_tracker(num_mtp_layers: int, device=None) -> None:
     """Make Megatron's MTP loss tracker buffers (``MTP_LOSS_TRACKER_KEY`` and, on 0.19, the token counts) hold
-    one slot per MTP layer.
+    one slot per MTP layer, on ``device`` (the model's; CPU by default).
 
-    An existing buffer of the right size is kept (it accumulates, as in megatron); a missing or wrongly sized
-    one is replaced (the tracker is process-global, so models with different K in one process would clash).
+    An existing buffer of the right size and device is kept (it accumulates, as in megatron); any other is
+    replaced (the tracker is process-global, so models with different K in one process would clash).
     """
+    device = torch.device(device or "cpu")
     for key in _MTP_TRACKER_KEYS:
         values = MTPLossLoggingHelper.tracker.get(key)
-        if values is None or values.numel() != num_mtp_layers:
-            MTPLossLoggingHelper.tracker[key] = torch.zeros(num_mtp_layers)
+        if values is None or values.numel() != num_mtp_layers or values.device.type != device.type:
+            MTPLossLoggingHelper.tracker[key] = torch.zeros(num_mtp_layers, device=device)
 
 
 # megatron-core 0.19 tracks the loss and the correct / total token counts (``save_metrics_to_tracker``);

@@ -12,20 +12,19 @@ products summed by hand.
 """
 
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
 from support.actor_config import DAPO, mtp_actor_config
+from support.bare_engine import bare_engine
 from support.mtp_parallel import MODEL_KW, apply_rl
-from verl_cpu.testing import build_tiny_gpt, make_actor_batch
-
 from verl.models.mcore.model_forward import gptmodel_forward_model_engine
 from verl.utils import tensordict_utils as tu
 from verl.utils import torch_functional as verl_F
 from verl.utils.metric import Metric
 from verl.workers.utils.losses import ppo_loss
-from verl_mtp.trainer.ppo.mtp_occ import OCCState
+
+from verl_cpu.testing import build_tiny_gpt, make_actor_batch
 from verl_mtp.trainer.ppo.mtp_occ_gradient import (
     GradientOCC,
     GradientSnapshot,
@@ -35,7 +34,6 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
     shared_trunk_parameters,
 )
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
-from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineWithLMHead
 
 K = 2
 PROMPTS, RESPONSES = [3, 6, 2, 5], [4, 5, 7, 2]
@@ -59,16 +57,7 @@ class MicroBatch:
         self.model = build_tiny_gpt(K, seed=seed, packed_attention=True, **MODEL_KW)
         hook = apply_rl(self.model, chunk=5, train_lm_head=train_lm_head)
         mtp = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, occ=OCCConfig(enable=True))
-        engine = object.__new__(MegatronMTPEngineWithLMHead)
-        engine.model_config = SimpleNamespace(mtp=mtp)
-        engine.engine_config = SimpleNamespace(
-            use_remove_padding=True, pad_to_length=False, pad_to_length_bucket=None,
-            dynamic_context_parallel=False, context_parallel_size=1,
-        )
-        engine.tf_config = None
-        engine.occ_state = OCCState(mtp.occ)
-        engine.rl_postprocess = {hook.model: hook}
-        engine._mtp_loss_mode, engine._mtp_coefficients = None, None
+        engine = bare_engine(hook, mtp)
         self.engine, self.base_loss = engine, partial(ppo_loss, config=mtp_actor_config(DAPO))
 
     def loss(self, mode=None, coefficients=None):
@@ -182,9 +171,12 @@ def test_nonfinite_statistics_give_lambda_zero_and_are_flagged():
 def test_given_coefficients_replace_the_proxy_and_the_proxy_is_logged_next_to_them(cpu_megatron):
     mb = MicroBatch(train_lm_head=False)
     _, proxy_metrics = mb.loss(None)
-    assert not any("occ_proxy_lambda" in k or "occ_grad" in k for k in proxy_metrics)
+    assert not any("occ_grad" in k for k in proxy_metrics)
     given = torch.tensor([0.25, -0.5], dtype=torch.float64)
+    mb.engine._mtp_diagnosed = True
     _, metrics = mb.loss(None, coefficients=given)
     for k in (1, 2):
-        assert metrics[f"actor/mtp_{k}/lambda"] == pytest.approx(float(given[k - 1]))
-        assert metrics[f"actor/mtp_{k}/occ_proxy_lambda"] == pytest.approx(proxy_metrics[f"actor/mtp_{k}/lambda"])
+        assert metrics[f"actor/mtp_{k}/coef_applied"] == pytest.approx(float(given[k - 1]))
+        assert metrics[f"actor/mtp_{k}/lambda"] == pytest.approx(float(given[k - 1]))  # dRL carries signal here
+        proxy = proxy_metrics[f"actor/mtp_{k}/coef_applied"]
+        assert metrics[f"actor/mtp_{k}/occ_grad_proxy_lambda"] == pytest.approx(proxy)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from verl_mtp.trainer.ppo.mtp_occ import OCCState, occ_lambda, occ_statistics
+from verl_mtp.trainer.ppo.mtp_occ import OCCState, calibrated_lambda, occ_statistics
 from verl_mtp.workers.config import OCCConfig
 
 
@@ -19,6 +19,10 @@ def naive_lambda(lp, mtp_lp, old, mask, lambda_plus=1.0, eps=1e-8):
                 num += d_rl * d_mtp
                 den += d_mtp * d_mtp
     return lambda_plus * num / (den + eps)
+
+
+def occ_lambda(stats, lambda_plus, eps):
+    return calibrated_lambda(stats.numerator, stats.denominator, lambda_plus, eps)[0]
 
 
 def random_inputs(seed, b=4, t=9, empty_rows=1):
@@ -74,7 +78,7 @@ def test_first_minibatch_lambda_is_zero_without_carry():
     _, mtp_lp, old, mask = random_inputs(3)
     state = OCCState(OCCConfig(enable=True))
     lam, informative = state.resolve(1, occ_statistics(old.clone(), mtp_lp, old, mask))
-    assert float(lam) == 0.0 and informative
+    assert float(lam) == 0.0 and not informative  # flagged: the step's metric leaves this structural 0 out
 
 
 def test_carry_last_lambda_across_uninformative_micro_batches():

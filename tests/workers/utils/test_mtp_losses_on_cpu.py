@@ -7,7 +7,7 @@ import torch
 from support.actor_config import mtp_actor_config
 from verl_cpu.testing import make_actor_batch, nested_like
 
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
 from verl.utils.metric import Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
@@ -234,3 +234,29 @@ def test_detached_head_ce_term_is_added_with_the_main_normalisation():
         expected = expected + 0.2 / 2 * float(-(ce * mask).sum() / tokens)
         assert f"actor/mtp_{k}/head_ce_loss" in metrics
     assert float(total_ce - total_plain) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_mode", sorted(POLICY_LOSS_REGISTRY))
+def test_every_registered_policy_loss_gives_the_heads_the_same_term(loss_mode):
+    """The heads' policy losses run with their metric reads deferred to the micro-batch's one read-back: the term,
+    its gradient and the losses' own metrics are what the loss gives when called directly."""
+    settings = {"dro": ["actor_rollout_ref.actor.policy_loss.dro_beta=0.5"]}.get(loss_mode, [])
+    config = mtp_actor_config([f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}", *settings])
+    data = make_actor_batch([4, 2, 6, 3], [7, 9, 3, 5], seed=2)
+    out, leaves = model_outputs(data, num_heads=1, seed=2)
+    base = partial(ppo_loss, config=config)
+    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3)
+    base_loss, _ = base(model_output=out, data=data)
+    want, lp, mtp, old, mask = independent_mtp_term(config, data, out, leaves, 1, 0.3)
+    (want_grad,) = torch.autograd.grad(want, leaves[1])
+    _, want_metrics = get_policy_loss_fn(loss_mode)(
+        old_log_prob=old, log_prob=mtp.detach(), advantages=padded(data, "advantages") * 0.3, response_mask=mask,
+        loss_agg_mode=config.loss_agg_mode, config=config,
+    )
+    total, metrics = with_mtp_policy_loss(base, mtp_cfg, OCCState(mtp_cfg.occ))(model_output=out, data=data)
+    (got_grad,) = torch.autograd.grad(total - base_loss, leaves[1])
+    torch.testing.assert_close(total.detach() - base_loss.detach(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    for name, value in want_metrics.items():
+        got = metrics[f"actor/mtp_1/{name.split('/')[-1]}"]
+        assert isinstance(got, Metric) and got.values == [pytest.approx(value, rel=1e-5, abs=1e-7)], name

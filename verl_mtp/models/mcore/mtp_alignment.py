@@ -13,9 +13,16 @@ sequence of a packed batch:
 
 Everything here works on packed values + per-sequence ``starts``/``lengths`` so the same code serves jagged
 nested tensors (starts = offsets) and padded THD buffers (starts = padded offsets, lengths = true lengths).
+
+Between the logits processor and the loss the per-head outputs travel as extra channels of the main head's
+``log_probs`` (:func:`stack_mtp_channels` / :func:`split_mtp_channels`): verl unpacks every output key with host
+reads of the packing offsets (and, under context parallelism, one all-gather per key), so one tensor carrying
+all heads costs what the main log-probs already cost, whatever the number of heads.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -27,7 +34,14 @@ __all__ = [
     "shift_right",
     "head_labels",
     "align_mtp_outputs",
+    "mtp_channel_keys",
+    "stack_mtp_channels",
+    "split_mtp_channels",
+    "drop_mtp_outputs",
 ]
+
+
+_HEAD_KEY = re.compile(r"mtp_\d+_")
 
 
 def mtp_output_keys(k: int) -> tuple[str, str, str]:
@@ -121,3 +135,39 @@ def align_mtp_outputs(output: dict) -> dict:
             output[mtp_ce_key(k)], _ = shift_right(output[mtp_ce_key(k)], k)
         k += 1
     return output
+
+
+def mtp_channel_keys(num_heads: int, with_ce: bool) -> list[str]:
+    """The per-head output keys in their channel order after the main log-probs (channel 0)."""
+    keys = []
+    for k in range(1, num_heads + 1):
+        lp_key, _, top1_key = mtp_output_keys(k)
+        keys += [lp_key, top1_key, *([mtp_ce_key(k)] if with_ce else [])]
+    return keys
+
+
+def stack_mtp_channels(log_probs: torch.Tensor, scored: dict, keys: list[str]) -> torch.Tensor:
+    """``log_probs`` with the heads' outputs ``scored[key]`` (same shape) stacked behind it on a last dimension."""
+    columns = [log_probs] + [scored[key].to(log_probs.dtype) for key in keys]
+    return torch.stack(columns, dim=-1)
+
+
+def split_mtp_channels(output: dict, keys: list[str]) -> dict:
+    """Undo :func:`stack_mtp_channels` on verl's unpacked (jagged) ``output["log_probs"]``, in place.
+
+    Channel-free log-probs (a forward without the heads, e.g. verl's ``compute_log_prob``) pass unchanged.
+    """
+    stacked = output["log_probs"]
+    if stacked.dim() == 2:
+        return output
+    if stacked.shape[-1] != 1 + len(keys):
+        raise RuntimeError(f"the log-probs carry {stacked.shape[-1] - 1} MTP channels, expected {len(keys)} ({keys})")
+    for key, column in zip(["log_probs", *keys], stacked.values().unbind(-1), strict=True):
+        output[key] = torch.nested.nested_tensor_from_jagged(column, offsets=stacked.offsets())
+    return output
+
+
+def drop_mtp_outputs(output: dict) -> None:
+    """Remove every head's outputs (the keys of :func:`mtp_output_keys` / :func:`mtp_ce_key`) from ``output``."""
+    for key in [key for key in output if _HEAD_KEY.match(key)]:
+        del output[key]

@@ -30,7 +30,9 @@ __all__ = ["MTPRLOutput", "MTPRLPostprocess", "check_cp_roll_offsets", "patch_po
 class MTPRLOutput:
     """What the RL postprocess leaves for the logits processor of the same micro-batch.
 
-    ``hidden_states[k-1]`` is depth ``k``'s output, ``[s, b, h]`` in the model's (packed) sequence order.
+    ``hidden_states[k-1]`` is depth ``k``'s output, ``[s, b, h]`` in the model's (packed) sequence order;
+    ``positions`` and ``packed_seq_params`` are the packed layout verl gave the model (each slot's position in
+    its sequence; the padded offsets, ``None`` for BSHD), from which the heads' targets are gathered.
     """
 
     hidden_states: tuple[torch.Tensor, ...]
@@ -39,6 +41,8 @@ class MTPRLOutput:
     runtime_gather_output: bool | None
     train_lm_head: bool
     logprob_chunk_size: int  # > 0: chunked log-probs, no full-vocabulary logits kept; 0: via the output layer
+    positions: torch.Tensor | None = None
+    packed_seq_params: object | None = None
     # the heads re-run on detached trunk inputs (``detached_head_ce_coef > 0``), for their own CE loss
     detached_hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -164,7 +168,7 @@ class MTPRLPostprocess:
         hidden_states, detached = self._run_mtp_block(kwargs)
         if not self.model.post_process:
             return hidden_states
-        return self._main_logits_keeping_heads(hidden_states, detached, kwargs.get("runtime_gather_output"))
+        return self._main_logits_keeping_heads(hidden_states, detached, kwargs)
 
     def _run_mtp_block(self, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The MTP block on the trunk's hidden states (and on detached inputs for the head CE), as Megatron's
@@ -189,8 +193,9 @@ class MTPRLPostprocess:
         )
         return hidden_states, tuple(torch.chunk(detached, 1 + gpt.config.mtp_num_layers, dim=0)[1:])
 
-    def _main_logits_keeping_heads(self, hidden_states, detached, runtime_gather_output) -> torch.Tensor:
+    def _main_logits_keeping_heads(self, hidden_states, detached, kwargs: dict) -> torch.Tensor:
         gpt = self.model
+        runtime_gather_output = kwargs.get("runtime_gather_output")
         output_weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
         chunks = torch.chunk(hidden_states, 1 + gpt.config.mtp_num_layers, dim=0)
         self._output = MTPRLOutput(
@@ -201,6 +206,8 @@ class MTPRLPostprocess:
             train_lm_head=self.train_lm_head,
             logprob_chunk_size=self.logprob_chunk_size,
             detached_hidden_states=detached,
+            positions=kwargs.get("position_ids"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
         )
         logits, _ = gpt.output_layer(chunks[0], weight=output_weight, runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()

@@ -16,7 +16,6 @@ the model-parallel (TP x PP) group. A non-finite ``c`` or ``v^2`` gives lambda 0
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -26,6 +25,7 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from megatron.core.transformer.module import param_is_not_shared
 
 from verl.utils.metric import AggregationType, Metric
+from verl_mtp.trainer.ppo.mtp_occ import HeadMetric, calibrated_lambda
 
 __all__ = [
     "shared_trunk_parameters",
@@ -34,7 +34,6 @@ __all__ = [
     "GradientOCC",
     "gradient_occ",
     "gradient_occ_metrics",
-    "proxy_lambda_metrics",
 ]
 
 
@@ -108,12 +107,7 @@ class GradientOCC:
 
     def lambdas(self, lambda_plus: float, eps: float, max_abs: Optional[float] = None):
         """Per-head lambda (0 where non-finite, clamped to ``max_abs``) and the non-finite flags."""
-        lam = lambda_plus * self.c / (self.v2 + eps)
-        nonfinite = ~(torch.isfinite(self.c) & torch.isfinite(self.v2) & torch.isfinite(lam))
-        lam = torch.where(nonfinite, torch.zeros_like(lam), lam)
-        if max_abs is not None:
-            lam = lam.clamp(-max_abs, max_abs)
-        return lam, nonfinite
+        return calibrated_lambda(self.c, self.v2, lambda_plus, eps, max_abs)
 
     def cosine(self) -> torch.Tensor:
         norm = (self.rl_sq * self.v2).sqrt()
@@ -133,38 +127,14 @@ def gradient_occ(per_head: list[torch.Tensor], group=None) -> GradientOCC:
 
 
 def gradient_occ_metrics(stats: GradientOCC, lam: torch.Tensor, nonfinite: torch.Tensor) -> dict:
-    """Per-head ``actor/mtp_{k}/occ_grad_*`` metrics as verl ``Metric``s, read back in one device->host copy."""
-    names = ("occ_grad_c", "occ_grad_v2", "occ_grad_cos", "occ_grad_lambda", "occ_grad_nonfinite")
+    """Per-head gradient-estimator metrics as verl ``Metric``s (one per update), read back in one device->host
+    copy."""
+    names = (HeadMetric.GRAD_C, HeadMetric.GRAD_V2, HeadMetric.GRAD_COS, HeadMetric.GRAD_LAMBDA,
+             HeadMetric.GRAD_NONFINITE)
     columns = (stats.c, stats.v2, stats.cosine(), lam, nonfinite)
     values = torch.stack([c.detach().to(torch.float64) for c in columns], dim=1).tolist()  # [K, 5]
     return {
-        f"actor/mtp_{k}/{name}": Metric(value=value, aggregation=AggregationType.MEAN)
+        HeadMetric.key(k, name): Metric(value=value, aggregation=AggregationType.MEAN)
         for k, row in enumerate(values, start=1)
         for name, value in zip(names, row, strict=True)
     }
-
-
-def proxy_lambda_metrics(metrics: dict, num_heads: int, lambda_plus: float, eps: float) -> dict:
-    """Per-head ``actor/mtp_{k}/occ_grad_proxy_lambda``: the proxy's lambda of each micro-batch of this update,
-    from the OCC sums it already logged (host floats, no device access).
-
-    On a diagnosed update it pairs with ``occ_grad_lambda`` of the same tokens and weights, whatever coefficient
-    the update used (a fixed one, the proxy's, or the estimator's), so the two estimators can be compared
-    update by update; verl's step metric averages both over the step's diagnosed updates only.
-    """
-    out = {}
-    for k in range(1, num_heads + 1):
-        cross = metrics.get(f"actor/mtp_{k}/occ_cross_sum")
-        dmtp_sq = metrics.get(f"actor/mtp_{k}/occ_dmtp_sq_sum")
-        if cross is None or dmtp_sq is None:  # a pipeline stage without the output layer logs no loss metrics
-            continue
-        values = [lambda_plus * c / (s + eps) for c, s in zip(_values(cross), _values(dmtp_sq), strict=True)]
-        metric = Metric(aggregation=AggregationType.MEAN)
-        metric.extend([v if math.isfinite(v) else 0.0 for v in values])
-        out[f"actor/mtp_{k}/occ_grad_proxy_lambda"] = metric
-    return out
-
-
-def _values(metric) -> list[float]:
-    """The per-micro-batch values of a merged metric (a verl ``Metric`` or a plain list)."""
-    return list(metric.values if isinstance(metric, Metric) else metric)

@@ -2,15 +2,17 @@
 
 For each MTP head ``k`` the actor's registered policy loss (vanilla/DAPO clip-higher with dual clip, GSPO's
 sequence ratio, any other in verl's ``POLICY_LOSS_REGISTRY``) is applied to the head's aligned log-probs of
-the sampled tokens against the same ``old_log_probs``, with advantages multiplied by the head's coefficient:
-the OCC lambda when ``occ.enable``, else the fixed ``mtp_loss_scaling_factor / K`` (split over heads like
-Megatron's MTP cross-entropy). The term uses the same ``loss_agg_mode`` and global normalisation
-(``global_batch_info``: dp size, global token count, global batch size) as the main policy loss, and is added
-after verl's entropy and KL terms, so neither drops it. With ``detached_head_ce_coef > 0`` each head also gets
-a cross-entropy term on its detached-input pass (it trains the heads only, never the trunk).
+the sampled tokens against the same ``old_log_probs``, with advantages multiplied by the head's coefficient
+(:func:`verl_mtp.trainer.ppo.mtp_occ.head_coefficient`: OCC's lambda, the fixed one, or the gradient
+estimator's). The term uses the same ``loss_agg_mode`` and global normalisation (``global_batch_info``: dp size,
+global token count, global batch size) as the main policy loss, and is added after verl's entropy and KL
+terms, so neither drops it. With ``detached_head_ce_coef > 0`` each head also gets a cross-entropy term on its
+detached-input pass (it trains the heads only, never the trunk).
 
-No added host synchronisation: all heads' outputs are unpadded by one call of verl's ``no_padding_2_padding``,
-and every scalar metric of every head is read back in one device->host copy at the end of the micro-batch.
+No host synchronisation but one: the responses are cut out of the packed outputs by a gather built on the
+device (:func:`verl_mtp.workers.utils.padding.responses_padded`), the policy losses' own metric reads
+(``.item()``) are deferred while they run for the heads, and every scalar metric of every head is read back in
+one device->host copy at the end of the micro-batch.
 """
 
 from __future__ import annotations
@@ -20,15 +22,23 @@ from functools import partial
 
 import torch
 from tensordict import TensorDict
+from torch.overrides import TorchFunctionMode
 
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import ActorConfig
-from verl.workers.utils.padding import no_padding_2_padding
 from verl_mtp.models.mcore.mtp_alignment import mtp_ce_key, mtp_output_keys
-from verl_mtp.trainer.ppo.mtp_occ import OCCState, OCCStatistics, occ_lambda, occ_statistics
+from verl_mtp.trainer.ppo.mtp_occ import (
+    HeadMetric,
+    OCCState,
+    calibrated_lambda,
+    head_coefficient,
+    occ_statistics,
+    scoped_statistics,
+)
 from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_distillation_settings
+from verl_mtp.workers.utils.padding import responses_padded
 
 __all__ = ["mtp_policy_loss", "with_mtp_policy_loss", "mtp_head_only_loss"]
 
@@ -57,7 +67,7 @@ def _num_heads(model_output) -> int:
 
 
 def _pad_outputs(model_output, data: TensorDict, num_heads: int, with_ce: bool):
-    """Main and per-head outputs as padded responses, through ONE call of verl's unpad helper.
+    """Main and per-head outputs as padded responses, cut out together by one gather.
 
     The columns are stacked along a trailing dimension in a common float dtype (0/1 masks and every
     original dtype round-trip exactly) and split again afterwards.
@@ -70,7 +80,7 @@ def _pad_outputs(model_output, data: TensorDict, num_heads: int, with_ce: bool):
     for column in columns:
         if column.is_floating_point():
             common = torch.promote_types(common, column.dtype)
-    padded = no_padding_2_padding(torch.stack([c.to(common) for c in columns], dim=-1), data).unbind(-1)
+    padded = responses_padded(torch.stack([c.to(common) for c in columns], dim=-1), data).unbind(-1)
     padded = {key: p.to(c.dtype) for key, p, c in zip(keys, padded, columns, strict=True)}
     heads = []
     for k in range(1, num_heads + 1):
@@ -86,30 +96,23 @@ def _pad_outputs(model_output, data: TensorDict, num_heads: int, with_ce: bool):
     return padded["log_probs"], heads
 
 
-def _head_coefficient(
-    mtp_config: MtpRLConfig,
-    occ_state: OCCState,
-    k: int,
-    num_heads: int,
-    stats: OCCStatistics,
-    dp_group,
-    dtype: torch.dtype,
-    given: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head ``k``'s coefficient (0-d tensor) and whether it came from this micro-batch's own signal.
+class _PolicyLossOnDevice(TorchFunctionMode):
+    """While a head's policy loss runs, two host round trips of verl's policy losses stay on the device.
 
-    ``given`` (the gradient estimator's lambda, or 1 for its unit-coefficient pass) wins over OCC's proxy.
+    ``Tensor.item()`` returns the detached 0-d tensor instead of a number: verl's policy losses read each metric
+    back that way (three host syncs per call for vanilla / GSPO), and for the heads those values join the
+    micro-batch's single read-back. ``torch.tensor(number, device=...)`` (GSPO's zero ``pg_clipfrac_lower``)
+    is filled on the device instead of copied there. Any other use of a tensor as a number (``int(t)``,
+    ``if t:``) still synchronises, so a loss whose arithmetic needs a host value stays correct.
     """
-    occ = mtp_config.occ
-    device = stats.numerator.device
-    if given is not None:
-        return given.to(device), torch.ones((), dtype=torch.bool, device=device)
-    if occ.enable:
-        if occ.scope == "data_parallel" and dp_group is not None:
-            stats = stats.all_reduce(dp_group)
-        return occ_state.resolve(k, stats)
-    coef = torch.full((), mtp_config.mtp_loss_scaling_factor / num_heads, dtype=dtype, device=device)
-    return coef, torch.ones((), dtype=torch.bool, device=device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.item:
+            return args[0].detach()
+        if func is torch.tensor and isinstance(args[0], (bool, int, float)) and kwargs.get("device") is not None:
+            return torch.full((), args[0], **kwargs)
+        return func(*args, **kwargs)
 
 
 def _detached_head_ce(config: ActorConfig, ce_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -123,20 +126,6 @@ def _detached_head_ce(config: ActorConfig, ce_log_prob: torch.Tensor, mask: torc
     )
 
 
-def _head_scalars(coef, informative, stats: OCCStatistics, head: _HeadOutputs, mask, scored) -> dict:
-    """Head metrics as 0-d device tensors (read back later, all at once)."""
-    # names must not contain "min"/"max": verl reduces such metrics with min/max across mini-batches
-    return {
-        "lambda": coef.detach().float(),
-        "lambda_informative": informative,
-        "occ_cross_sum": stats.numerator,
-        "occ_dmtp_sq_sum": stats.denominator,
-        "dmtp_mean": stats.dmtp_sum / stats.count.clamp_min(1),
-        "top1_agreement": (head.top1 * mask).sum() / mask.sum().clamp_min(1),
-        "nonfinite_tokens": (scored & ~torch.isfinite(head.log_prob)).sum(),
-    }
-
-
 def _read_back(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
     """Every scalar to a Python float through one device->host copy."""
     stacked = torch.stack([v.detach().to(torch.float64) for v in scalars.values()])
@@ -146,20 +135,22 @@ def _read_back(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
 def mtp_policy_loss(
     config: ActorConfig,
     mtp_config: MtpRLConfig,
-    occ_state: OCCState,
+    occ_state: OCCState | None,
     model_output,
     data: TensorDict,
     dp_group=None,
     loss_aggregation: AggregationType = AggregationType.MEAN,
     coefficients: torch.Tensor | None = None,
     only_head: int | None = None,
+    diagnosed: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Sum over heads of the coefficient-scaled policy loss on the MTP log-probs, with its metrics.
 
     ``coefficients`` (``[K]``, the gradient estimator's lambdas) replace OCC's proxy; ``only_head`` keeps just
     that head's policy term at coefficient 1 (no head cross-entropy): the MTP loss the gradient estimator
-    differentiates. Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it
-    is called first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own
+    differentiates; ``diagnosed`` (an update the gradient estimator also measures) logs the proxy's lambda next
+    to it. Expects ``config.global_batch_info`` filled by verl's ``ppo_loss`` for this micro-batch (it is
+    called first by :func:`with_mtp_policy_loss`); ``loss_aggregation`` is how verl aggregates its own
     ``pg_loss`` over micro-batches (SUM when the losses are normalised globally).
     """
     num_heads = _num_heads(model_output)
@@ -168,82 +159,111 @@ def mtp_policy_loss(
     fields = ["response_mask", "old_log_probs", "advantages"] + [f for f in ("rollout_is_weights",) if f in data]
     batch = data.select(*fields).to_padded_tensor()
     batch["response_mask"] = batch["response_mask"].to(bool)
-    term = partial(_head_term, config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group)
+    term = partial(_head_term, config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, diagnosed)
 
     total = log_prob.new_zeros(())
-    scalars, other_metrics = {}, {}
+    scalars, host_metrics, heads_run = {}, {}, []
     for k, head in enumerate(heads, start=1):
         if only_head is not None and k != only_head:
             continue
         given = None if coefficients is None else coefficients[k - 1]
         if only_head is not None:
-            given = torch.ones((), dtype=torch.float64)
-        terms, head_scalars, head_metrics = term(k, head, given)
+            given = torch.ones((), dtype=torch.float64, device=log_prob.device)
+        terms, head_scalars, head_host_metrics = term(k, head, given)
         for loss_term in terms:
             total = total + loss_term
-        scalars.update({f"actor/mtp_{k}/{name}": value for name, value in head_scalars.items()})
-        other_metrics.update({f"actor/mtp_{k}/{name}": value for name, value in head_metrics.items()})
+        scalars.update({HeadMetric.key(k, name): value for name, value in head_scalars.items()})
+        host_metrics.update({HeadMetric.key(k, name): value for name, value in head_host_metrics.items()})
+        heads_run.append(k)
     scalars["actor/mtp_pg_loss"] = total
-    return total, _metrics(_read_back(scalars), other_metrics, loss_aggregation)
+    return total, _metrics({**_read_back(scalars), **host_metrics}, heads_run, loss_aggregation)
 
 
-def _head_term(config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, k: int, head: _HeadOutputs, given):
-    """Head ``k``'s loss terms (summed in this order), its scalar metrics (device tensors) and the policy
-    loss's own metrics."""
+def _head_term(
+    config, mtp_config, occ_state, num_heads, log_prob, batch, dp_group, diagnosed, k: int, head: _HeadOutputs,
+    given,
+):
+    """Head ``k``'s loss terms (summed in this order), its metrics as 0-d device tensors, and the policy loss's
+    metrics it returned as numbers."""
     old_log_prob, advantages = batch["old_log_probs"], batch["advantages"]
     scored = batch["response_mask"] & head.valid
     mask = scored & torch.isfinite(head.log_prob)
     # Unscored slots take the old log-prob: ratio 1, finite, and zero gradient into the head there, so a
     # non-finite head output never reaches the optimizer (it is counted in ``nonfinite_tokens``).
     mtp_log_prob = torch.where(mask, head.log_prob, old_log_prob.detach())
-    stats = occ_statistics(log_prob, mtp_log_prob, old_log_prob, mask)
-    coef, informative = _head_coefficient(mtp_config, occ_state, k, num_heads, stats, dp_group, log_prob.dtype, given)
-    coef = coef.to(advantages.dtype)
-    policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
-    pg_loss, policy_metrics = policy_loss_fn(
-        old_log_prob=old_log_prob,
-        log_prob=mtp_log_prob,
-        advantages=advantages * coef,
-        response_mask=mask,
-        loss_agg_mode=config.loss_agg_mode,
-        config=config,
-        rollout_is_weights=batch.get("rollout_is_weights", None),
-    )
-    terms, scalars = [pg_loss], {}
+    stats = scoped_statistics(mtp_config, occ_statistics(log_prob, mtp_log_prob, old_log_prob, mask), dp_group)
+    coef, informative = head_coefficient(mtp_config, occ_state, k, num_heads, stats, given)
+    with _PolicyLossOnDevice():
+        pg_loss, policy_metrics = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))(
+            old_log_prob=old_log_prob,
+            log_prob=mtp_log_prob,
+            advantages=advantages * coef.to(advantages.dtype),
+            response_mask=mask,
+            loss_agg_mode=config.loss_agg_mode,
+            config=config,
+            rollout_is_weights=batch.get("rollout_is_weights", None),
+        )
+    terms = [pg_loss]
+    scalars, host_metrics = {}, {}
+    for name, value in policy_metrics.items():
+        (scalars if isinstance(value, torch.Tensor) else host_metrics)[name.split("/")[-1]] = value
     if head.ce_log_prob is not None:
         head_ce = _detached_head_ce(config, head.ce_log_prob, mask)
         terms.append(mtp_config.detached_head_ce_coef / num_heads * head_ce)
-        scalars["head_ce_loss"] = head_ce
-    scalars.update(_head_scalars(coef, informative, stats, head, mask, scored))
-    if given is not None and mtp_config.occ.enable:  # the proxy's lambda, next to the one used
-        scalars["occ_proxy_lambda"] = occ_lambda(stats, mtp_config.occ.lambda_plus, mtp_config.occ.eps)
-    scalars["pg_loss"] = pg_loss
-    metrics = {
-        name.split("/")[-1]: Metric(value=value, aggregation=AggregationType.MEAN)
-        for name, value in policy_metrics.items()
-    }
-    return terms, scalars, metrics
+        scalars[HeadMetric.HEAD_CE_LOSS] = head_ce
+    if diagnosed:
+        occ = mtp_config.occ
+        scalars[HeadMetric.PROXY_LAMBDA_ON_DIAGNOSED] = calibrated_lambda(
+            stats.numerator, stats.denominator, occ.lambda_plus, occ.eps
+        )[0]
+    scalars.update({
+        HeadMetric.COEF_APPLIED: coef.detach(),
+        HeadMetric.INFORMATIVE: informative,
+        HeadMetric.CROSS_SUM: stats.numerator,
+        HeadMetric.DMTP_SQ_SUM: stats.denominator,
+        HeadMetric.DMTP_MEAN: stats.dmtp_sum / stats.count.clamp_min(1),
+        HeadMetric.TOP1_AGREEMENT: (head.top1 * mask).sum() / mask.sum().clamp_min(1),
+        HeadMetric.NONFINITE_TOKENS: (scored & ~torch.isfinite(head.log_prob)).sum(),
+        HeadMetric.PG_LOSS: pg_loss,
+    })
+    return terms, scalars, host_metrics
 
 
-def _metrics(values: dict[str, float], other_metrics: dict, loss_aggregation: AggregationType) -> dict:
-    """Losses as verl ``Metric``s aggregated like verl's own ``pg_loss``; the per-head scalars as floats."""
+_LOSSES = (HeadMetric.PG_LOSS, HeadMetric.HEAD_CE_LOSS)
+_PER_MICRO_BATCH = (
+    HeadMetric.COEF_APPLIED, HeadMetric.INFORMATIVE, HeadMetric.CROSS_SUM, HeadMetric.DMTP_SQ_SUM,
+    HeadMetric.DMTP_MEAN, HeadMetric.TOP1_AGREEMENT, HeadMetric.NONFINITE_TOKENS, HeadMetric.PROXY_LAMBDA_ON_DIAGNOSED,
+)
+
+
+def _metrics(values: dict[str, float], heads: list[int], loss_aggregation: AggregationType) -> dict:
+    """The read-back values as verl metrics: losses aggregated like verl's own ``pg_loss``, the policy losses'
+    own metrics as means, the rest as floats; ``lambda`` only where dRL carried signal."""
     metrics = {}
     for key, value in values.items():
-        is_loss = key.endswith(("/pg_loss", "/head_ce_loss")) or key == "actor/mtp_pg_loss"
-        metrics[key] = Metric(value=value, aggregation=loss_aggregation) if is_loss else value
-    metrics.update(other_metrics)
+        name = key.split("/")[-1]
+        if key == "actor/mtp_pg_loss" or name in _LOSSES:
+            metrics[key] = Metric(value=value, aggregation=loss_aggregation)
+        elif name in _PER_MICRO_BATCH:
+            metrics[key] = value
+        else:
+            metrics[key] = Metric(value=value, aggregation=AggregationType.MEAN)
+    for k in heads:
+        if values[HeadMetric.key(k, HeadMetric.INFORMATIVE)] > 0.5:  # lambda is 0 by construction before an update
+            metrics[HeadMetric.key(k, HeadMetric.LAMBDA)] = values[HeadMetric.key(k, HeadMetric.COEF_APPLIED)]
     return metrics
 
 
 def _loss_with_mtp(
-    model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, occ_state, coefficients=None
+    model_output, data: TensorDict, dp_group=None, *, base_loss_fn, mtp_config, occ_state, coefficients=None,
+    diagnosed=False,
 ):
     loss, metrics = base_loss_fn(model_output=model_output, data=data, dp_group=dp_group)
     pg_metric = metrics.get("actor/pg_loss")
     aggregation = pg_metric.aggregation if isinstance(pg_metric, Metric) else AggregationType.MEAN
     mtp_loss, mtp_metrics = mtp_policy_loss(
         base_loss_fn.keywords["config"], mtp_config, occ_state, model_output, data, dp_group, aggregation,
-        coefficients=coefficients,
+        coefficients=coefficients, diagnosed=diagnosed,
     )
     metrics.update(mtp_metrics)
     return loss + mtp_loss, metrics
@@ -272,15 +292,18 @@ def mtp_head_only_loss(base_loss_fn, mtp_config: MtpRLConfig, head: int):
     return partial(_head_only_loss, base_loss_fn=base_loss_fn, mtp_config=mtp_config, head=head)
 
 
-def with_mtp_policy_loss(base_loss_fn, mtp_config: MtpRLConfig, occ_state: OCCState, coefficients=None):
+def with_mtp_policy_loss(
+    base_loss_fn, mtp_config: MtpRLConfig, occ_state: OCCState, coefficients=None, diagnosed: bool = False
+):
     """Wrap verl's actor loss (``partial(ppo_loss, config=actor_config)`` or its distillation variant).
 
     The actor config is read from the partial's ``config`` keyword, the form verl's worker installs.
-    ``coefficients`` (``[K]`` device tensor) are the gradient estimator's lambdas, used instead of OCC's proxy.
+    ``coefficients`` (``[K]`` device tensor) are the gradient estimator's lambdas, used instead of OCC's proxy;
+    ``diagnosed``: the gradient estimator measures this update too (the proxy's lambda is logged beside it).
     """
     _check_base_loss(base_loss_fn)
     check_distillation_settings(mtp_config, base_loss_fn.keywords.get("distillation_config"))
     return partial(
         _loss_with_mtp, base_loss_fn=base_loss_fn, mtp_config=mtp_config, occ_state=occ_state,
-        coefficients=coefficients,
+        coefficients=coefficients, diagnosed=diagnosed,
     )

@@ -35,11 +35,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 
 import torch
+from megatron.core import parallel_state as mpu
 
 import verl.models.mcore.mtp_patch as verl_mtp_patch
-from verl.utils import tensordict_utils as tu
 from verl.utils.megatron_utils import unwrap_model
 from verl_mtp.models.mcore.main_head_scoring import MainHeadCapture, score_main_head
 from verl_mtp.models.mcore.mcore_compat import (
@@ -47,8 +48,14 @@ from verl_mtp.models.mcore.mcore_compat import (
     keep_mtp_ce_off_lm_head,
     let_mtp_layers_recompute,
 )
-from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
-from verl_mtp.models.mcore.mtp_head_labels import pack_head_labels
+from verl_mtp.models.mcore.mtp_alignment import (
+    align_mtp_outputs,
+    drop_mtp_outputs,
+    mtp_channel_keys,
+    split_mtp_channels,
+    stack_mtp_channels,
+)
+from verl_mtp.models.mcore.mtp_head_labels import bshd_sequence_ids, head_targets, thd_sequence_ids
 from verl_mtp.models.mcore.mtp_log_probs import score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLPostprocess
 from verl_mtp.trainer.ppo.mtp_occ import OCCState
@@ -57,7 +64,6 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
     gradient_occ,
     gradient_occ_metrics,
     head_products,
-    proxy_lambda_metrics,
     shared_trunk_parameters,
 )
 from verl_mtp.workers.config import MtpRLConfig
@@ -98,6 +104,7 @@ def init_mtp_state(engine) -> None:
     engine.mtp_updates = 0  # mini-batch updates so far (the gradient estimator's cadence)
     engine._mtp_loss_mode = None  # None: the full loss; "rl": the RL loss alone; k: head k's MTP loss alone
     engine._mtp_coefficients = None  # the gradient estimator's lambdas for the update in progress
+    engine._mtp_diagnosed = False  # the gradient estimator measures the update in progress
     engine.fused_main_head = False  # use_fused_kernels with a regime: the main head is scored in chunks
     engine.main_head_capture: dict[torch.nn.Module, MainHeadCapture] = {}
 
@@ -183,14 +190,13 @@ def forward_backward_batch(engine, run, data, loss_function, forward_only: bool)
     stats = _gradient_occ(engine, run, data, loss_function)
     lam, nonfinite = stats.lambdas(occ.lambda_plus_gradient, occ.eps, occ.max_abs_lambda)
     engine._mtp_coefficients = lam if occ.estimator == "gradient" else None
+    engine._mtp_diagnosed = True
     try:
         output = run(data, loss_function)
     finally:
-        engine._mtp_coefficients = None
+        engine._mtp_coefficients, engine._mtp_diagnosed = None, False
     if "metrics" in output:
-        metrics = output["metrics"]
-        metrics.update(proxy_lambda_metrics(metrics, engine.tf_config.mtp_num_layers, occ.lambda_plus, occ.eps))
-        metrics.update(gradient_occ_metrics(stats, lam, nonfinite))  # one per update, as verl merges them
+        output["metrics"].update(gradient_occ_metrics(stats, lam, nonfinite))  # one per update, as verl merges them
     return output
 
 
@@ -230,30 +236,52 @@ def _pop_mtp_output(engine):
 
 
 def add_mtp_head_scores(engine, ret: dict, label, temperature, batch, data_format: str) -> None:
-    """In verl's logits processor, after the main head's log-probs: each MTP head's, into ``ret``."""
+    """In verl's logits processor, after the main head's log-probs: every MTP head's outputs, stacked as extra
+    channels of ``ret["log_probs"]`` so verl unpacks them with the main ones (see ``align_outputs``)."""
     postprocess, mtp_output = _pop_mtp_output(engine)
     if mtp_output is None:
         return
-    packing = _packing(engine, batch, postprocess.model)
-    head_labels = pack_head_labels(batch["input_ids"], mtp_output.num_heads, data_format, **packing)
-    ret.update(score_mtp_heads(mtp_output, [t.view_as(label) for t in head_labels], temperature))
+    if "log_probs" not in ret:
+        raise NotImplementedError(
+            "mtp_loss_type=rl needs the main head's log-probs, which verl does not compute with "
+            "distillation_only=True (top-k distillation without task rewards): use mtp_loss_type=detach there."
+        )
+    targets = _head_targets(engine, batch, postprocess.model, mtp_output, data_format)
+    scored = score_mtp_heads(mtp_output, [t.view_as(label) for t in targets], temperature)
+    ret["log_probs"] = stack_mtp_channels(ret["log_probs"], scored, _channel_keys(engine))
 
 
-def _packing(engine, batch, gpt) -> dict:
-    """The packing arguments verl's forward_step gives its own labels for this micro-batch."""
-    cfg = engine.engine_config
-    return {
-        "use_fp8_padding": gpt.config.fp8 in ["e4m3", "hybrid"],
-        "local_cp_size": tu.get_non_tensor_data(data=batch, key="local_cp_size", default=None),
-        "pad_to_length_bucket": cfg.pad_to_length_bucket if cfg.pad_to_length and cfg.use_remove_padding else None,
-        "cp_layout": engine._get_context_parallel_layout(gpt),
-        "forced_max_seqlen": tu.get_non_tensor_data(data=batch, key="forced_max_seqlen", default=None),
-    }
+def _channel_keys(engine) -> list[str]:
+    return mtp_channel_keys(engine.tf_config.mtp_num_layers, engine.model_config.mtp.detached_head_ce_coef > 0)
+
+
+def _head_targets(engine, batch, gpt, mtp_output, data_format: str) -> list:
+    """Each head's targets in the packed layout of this micro-batch, from the layout verl gave the model."""
+    positions, params = mtp_output.positions, mtp_output.packed_seq_params
+    if positions is None or positions.dim() != 2:
+        raise NotImplementedError(
+            "mtp_loss_type=rl needs the per-token position ids verl passes with MTP training (a text model); "
+            f"got {None if positions is None else tuple(positions.shape)}"
+        )
+    if data_format == "thd":
+        sequence_ids = thd_sequence_ids(
+            params.cu_seqlens_q_padded,
+            positions.shape[-1],
+            mpu.get_context_parallel_world_size(),
+            mpu.get_context_parallel_rank(),
+            engine._get_context_parallel_layout(gpt),
+        )[None]
+    else:
+        sequence_ids = bshd_sequence_ids(*positions.shape, positions.device)
+    return head_targets(batch["input_ids"], sequence_ids, positions, mtp_output.num_heads)
 
 
 def align_outputs(engine, output: dict) -> dict:
-    """verl's unpacked model outputs with the MTP heads' shifted onto the main head's positions."""
-    return align_mtp_outputs(output) if is_mtp_rl(engine) else output
+    """verl's unpacked model outputs with the MTP heads' split off the log-probs and shifted onto the main
+    head's positions."""
+    if not is_mtp_rl(engine):
+        return output
+    return align_mtp_outputs(split_mtp_channels(output, _channel_keys(engine)))
 
 
 def _occ_state_path(local_path: str) -> str:
@@ -289,7 +317,20 @@ def mtp_loss_function(engine, loss_function, forward_only: bool):
         return loss_function
     if mode is not None:
         return mtp_head_only_loss(loss_function, mtp, mode)
-    return with_mtp_policy_loss(loss_function, mtp, engine.occ_state, engine._mtp_coefficients)
+    loss = with_mtp_policy_loss(
+        loss_function, mtp, engine.occ_state, engine._mtp_coefficients, diagnosed=engine._mtp_diagnosed
+    )
+    return partial(_consuming_mtp_outputs, loss)
+
+
+def _consuming_mtp_outputs(loss_function, model_output: dict, data, dp_group=None):
+    """The loss, after which the per-head outputs leave the model output: verl keeps the model output of every
+    micro-batch and joins them per key at the end of the update (a host read per key and micro-batch), and
+    nothing reads the heads' there."""
+    try:
+        return loss_function(model_output=model_output, data=data, dp_group=dp_group)
+    finally:
+        drop_mtp_outputs(model_output)
 
 
 def enable_fused_main_head(engine) -> bool:
