@@ -51,8 +51,8 @@ def mtp_config(regime: str) -> MtpRLConfig:
     return MtpRLConfig(enable=True, logprob_chunk_size=CHUNK, **REGIMES[regime])
 
 
-def engine_for(regime: str, fmt: str, k: int, fused: bool):
-    model = build_tiny_gpt(k, seed=7, packed_attention=True, **MODEL_KW)
+def engine_for(regime: str, fmt: str, k: int, fused: bool, tied: bool = False):
+    model = build_tiny_gpt(k, seed=7, packed_attention=True, share_embeddings=tied, **MODEL_KW)
     return prepared_engine(model, mtp_config(regime), fmt, use_fused_kernels=fused)
 
 
@@ -62,16 +62,21 @@ def loss_with_entropy():
     return partial(ppo_loss, config=mtp_actor_config([*DAPO, "actor_rollout_ref.actor.entropy_coeff=0.01"]))
 
 
-def train_step(regime, fmt, k, fused):
-    engine = engine_for(regime, fmt, k, fused)
+def train_step(regime, fmt, k, fused, tied=False):
+    engine = engine_for(regime, fmt, k, fused, tied)
     out, widths = micro_batch(engine, actor_batch(VOCAB), fmt, loss_with_entropy(), entropy=True)
     return engine, out, widths
 
 
-@pytest.mark.parametrize("regime, fmt, k", CONFIGS, ids=[f"{r}-{f}-K{k}" for r, f, k in CONFIGS])
-def test_fused_main_head_equals_the_unfused_path(regime, fmt, k):
-    plain_engine, plain, plain_widths = train_step(regime, fmt, k, fused=False)
-    fused_engine, fused, fused_widths = train_step(regime, fmt, k, fused=True)
+@pytest.mark.parametrize(
+    "regime, fmt, k, tied",
+    [(*cfg, False) for cfg in CONFIGS] + [("detach", "thd", 1, True), ("rl_occ", "bshd", 2, True)],
+    ids=[f"{r}-{f}-K{k}" for r, f, k in CONFIGS] + ["tied-detach-thd-K1", "tied-rl_occ-bshd-K2"],
+)
+def test_fused_main_head_equals_the_unfused_path(regime, fmt, k, tied):
+    """``tied``: the output layer shares the embedding's weight (the main head's live weight is the embedding's)."""
+    plain_engine, plain, plain_widths = train_step(regime, fmt, k, fused=False, tied=tied)
+    fused_engine, fused, fused_widths = train_step(regime, fmt, k, fused=True, tied=tied)
     assert plain_widths == [VOCAB] and fused_widths == [0]  # fused: no main-head logits reached verl
     assert fused_engine.fused_main_head and not fused_engine.engine_config.use_fused_kernels
 
@@ -82,7 +87,7 @@ def test_fused_main_head_equals_the_unfused_path(regime, fmt, k):
     assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
 
     want_grads, got_grads = param_grads(plain_engine.module[0]), param_grads(fused_engine.module[0])
-    for prefix in ("embedding.", "decoder.", "mtp.", "output_layer."):
+    for prefix in ("embedding.", "decoder.", "mtp.") + (() if tied else ("output_layer.",)):
         assert any(n.startswith(prefix) and g is not None and g.abs().sum() > 0 for n, g in want_grads.items())
     for name, w in want_grads.items():
         g = got_grads[name]

@@ -78,9 +78,8 @@ class MainHeadCapture:
         self._replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
         self._inner = gpt._postprocess
         # the Parameter itself: a detached view of it (the MTP cross-entropy's weight) is a different object
-        self._live_weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else (
-            layer.weight
-        )
+        tied = gpt.share_embeddings_and_output_weights
+        self._live_weight = gpt.shared_embedding_or_output_weight() if tied else layer.weight
         self.model = gpt
         gpt._postprocess = self
         layer.forward = self._output_layer_forward
