@@ -12,7 +12,8 @@ fp32 logits ``[chunk, V/tp]`` live only inside the forward's chunk loop. What th
 softmax Megatron's cross-entropy keeps under bf16), so the backward never recomputes the head's matrix product:
 it turns the kept exponentials into the logits' gradient in place, ``d log p_y / d logits = onehot(y) - softmax``
 (and ``-p (log p + H)`` for the entropy ``H``), chunk by chunk with the input gradient's product, then makes the
-weight gradient with one product over all tokens, in the weight's dtype, as the output layer's backward does. Without a gradient to compute only one chunk's exponentials are held.
+weight gradient with one product over all tokens, in the weight's dtype, as the output layer's backward does.
+Without a gradient to compute only one chunk's exponentials are held.
 
 With ``logprob_chunk_size = 0`` the head runs through Megatron's output layer and the same scoring runs once on
 its fp32 logits, in place: the maximum and top-1 id in one pass, the shift, the exponential and the sum, the
@@ -26,6 +27,7 @@ gathered / reduce-scattered like the output layer does it).
 The output-layer weight gradient follows Megatron's gradient-accumulation-fusion protocol when the layer uses
 it (:func:`verl_mtp.models.mcore.mtp_grad_fusion.hand_over_weight_grad`), so Megatron's DDP keeps it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
