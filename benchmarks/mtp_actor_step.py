@@ -20,7 +20,7 @@ unit-coefficient MTP loss alone, each forward + backward, the trunk-gradient inn
 with the resulting lambda; its ratio over ``rl_occ`` is printed too.
 
 With ``--syncs`` each regime's step is also counted for host synchronisations
-(:class:`benchmarks.host_syncs.HostSyncCounter`), and on CUDA the profiler's ``cudaStreamSynchronize`` calls of
+(:class:`verl_cpu.testing.host_syncs.HostSyncCounter`), and on CUDA the profiler's ``cudaStreamSynchronize`` calls of
 the same step are printed beside the count, so the CPU count can be checked against what the device does.
 
     python -m benchmarks.mtp_actor_step                                   # CPU default sizes
@@ -378,7 +378,7 @@ def measure(args, vocab, seq):
 def count_syncs(step, device: str) -> dict:
     """Host synchronisations of one step: the dispatcher-level count and, on CUDA, the profiler's
     ``cudaStreamSynchronize`` calls of the same step."""
-    from benchmarks.host_syncs import HostSyncCounter
+    from verl_cpu.testing.host_syncs import HostSyncCounter
 
     with HostSyncCounter(device) as counter:
         step()

@@ -2,7 +2,7 @@
 
 verl's ``ActorRolloutRefWorker`` is built in-process on the CPU platform (:mod:`verl_cpu.engine_smoke`, tiny
 MiMo with K MTP heads) once per regime and input format (THD packed, BSHD padded), and each update is counted
-with :class:`benchmarks.host_syncs.HostSyncCounter`: forward (verl's packing, the model, the logits processor and
+with :class:`verl_cpu.testing.host_syncs.HostSyncCounter`: forward (verl's packing, the model, the logits processor and
 its unpacking), verl's loss with the MTP term, backward, optimizer step. Every count is taken twice, with one and
 with two micro-batches per update, so what one micro-batch costs is the difference and what the update costs
 once (splitting, metric gathering, the optimizer) the rest. Printed per regime: both counts and the
@@ -55,7 +55,7 @@ def build_worker(model_dir: str, regime: str, fmt: str):
 
 def update_syncs(worker, config, micro_batches: int, seed: int) -> collections.Counter:
     """Every synchronisation of one actor update over ``micro_batches`` micro-batches, by site."""
-    from benchmarks.host_syncs import HostSyncCounter
+    from verl_cpu.testing.host_syncs import HostSyncCounter
     from verl.utils import tensordict_utils as tu
     from verl_cpu import engine_smoke
 

@@ -2,7 +2,8 @@
 
 A run starts the SFT warm-up, Ray and a Megatron model before the trainer reads its first setting, so a bad
 value found there costs the whole start-up and may end in a bare assertion deep inside Megatron. These rules run in the
-launcher's own process before any of that (no verl import) and refuse with the switch -- flag and the
+launcher's own process before any of that (verl is imported only for OCC's one-update rule, which is the
+product's) and refuse with the switch -- flag and the
 environment variable of ``scripts/run_main.sh`` where there is one --, its value and the fix. Settings that
 are legal but make a regime meaningless (OCC with one optimizer update per step) are warnings.
 
@@ -292,18 +293,20 @@ def _effective(args, overrides: dict, key: str, default: Any) -> Any:
 
 
 def occ_updates_warning(args, overrides: dict) -> Optional[str]:
-    """OCC's lambda needs an optimizer update earlier in the same step (``log pi - log pi_old`` is 0 before)."""
+    """OCC's lambda needs an optimizer update earlier in the same step: the product's rule (the trainer's
+    ``--check`` applies the same one), on the switches' effective values."""
     occ = _effective(args, overrides, "actor_rollout_ref.model.mtp.occ.enable", args.mode == "rl_occ")
     if not occ:
         return None
-    batch = _effective(args, overrides, "data.train_batch_size", args.batch)
-    mini = _effective(args, overrides, f"{ACTOR}.ppo_mini_batch_size", mini_batch(args))
-    epochs = _effective(args, overrides, f"{ACTOR}.ppo_epochs", 1)
-    if max(1, batch // max(1, mini)) * epochs > 1:
-        return None
-    return (f"OCC with one optimizer update per step (batch {batch}, mini-batch {mini}): lambda is 0 by "
-            "construction, since log pi - log pi_old is 0 until the step's first update (docs/mtp_rl.md, "
-            f"section 4); use a smaller --mini-batch, e.g. --mini-batch {max(1, batch // 4)}")
+    from verl_mtp.workers.config.mtp_run_checks import occ_single_update_warning  # imports verl: only with OCC
+
+    return occ_single_update_warning(
+        occ_enabled=True,
+        train_batch_size=_effective(args, overrides, "data.train_batch_size", args.batch),
+        ppo_mini_batch_size=_effective(args, overrides, f"{ACTOR}.ppo_mini_batch_size", mini_batch(args)),
+        ppo_epochs=_effective(args, overrides, f"{ACTOR}.ppo_epochs", 1),
+        mini_batch_setting=lambda size: f"--mini-batch {size}",
+    )
 
 
 RULES: tuple[Callable, ...] = (check_ranges, check_batches, check_tensor_parallel, check_schedule,

@@ -11,13 +11,16 @@
 #   OCC_INITIAL_LAMBDA    lambda carried before the first informative micro-batch (default: 0.0)
 #   SPEC_DECODE           1: vLLM speculative decoding with the model's own MTP heads (default: 0)
 #   SPEC_NUM_TOKENS       draft tokens per step for SPEC_DECODE=1 (default: 1)
-#   DRY_RUN               1: print the composed, resolved config and exit; nothing runs (default: 0)
+#   DRY_RUN               1: check the run without running it (python -m verl_mtp.trainer.main_ppo --check: every
+#                         config object built, all verl-mtp checks, the parallel layout; no GPU, no Ray; exit 2
+#                         with the key and the fix on a refused setting); config: print the composed, resolved
+#                         config as YAML and exit (default: 0)
 #   LOGGER                trainer.logger                                  (default: ["console","tensorboard"])
 #   DATA_HOME             where models/, data/ and ckpts/ live             (default: ~/verl_mtp)
 #
 # Defines:
 #   MTP_ARGS        Hydra overrides for actor_rollout_ref.model.mtp (regime, coefficient, OCC, rollout)
-#   HYDRA_RUN_ARGS  "--cfg job --resolve" when DRY_RUN=1, else empty
+#   HYDRA_RUN_ARGS  "--check" when DRY_RUN=1, "--cfg job --resolve" when DRY_RUN=config, else empty
 #   MTP_TAG         short name of the regime for experiment names
 #   mtp_rl_paper_defaults    the paper's budget and DAPO settings for every variable not set yet
 #   mtp_rl_launch            runs the trainer with all of the above, then its own arguments
@@ -41,7 +44,7 @@ _mtp_prefix=actor_rollout_ref.model.mtp
 # Every regime loads the MTP layers and trains them; what differs is where the MTP gradient may go
 # (detach: MTP layers only; ce / rl: MTP layers and the trunk) and which loss drives it.
 # enable_train / detach_encoder are written out although the MTP engine derives them from
-# mtp_loss_type, so that the printed config (DRY_RUN=1) shows what will actually run.
+# mtp_loss_type, so that the printed config (DRY_RUN=config) shows what will actually run.
 case "${MTP_MODE}" in
     detach)
         _mtp_type=detach
@@ -105,10 +108,17 @@ case "${SPEC_DECODE}" in
 esac
 
 HYDRA_RUN_ARGS=()
-if [[ "${DRY_RUN}" == "1" ]]; then
+case "${DRY_RUN}" in
+    0) ;;
+    # Everything the run would check and build at start-up, on this machine's CPU (no Ray, no GPU).
+    1) HYDRA_RUN_ARGS=(--check) ;;
     # Compose and resolve the whole config, print it as YAML on stdout and exit (no Ray, no GPU).
-    HYDRA_RUN_ARGS=(--cfg job --resolve)
-fi
+    config) HYDRA_RUN_ARGS=(--cfg job --resolve) ;;
+    *)
+        echo "DRY_RUN=${DRY_RUN} is not 0, 1 or config" >&2
+        exit 2
+        ;;
+esac
 
 # The paper's shared budget (DAPO-Math-17k / AIME-2024, 128 prompts x 16 responses, 200 steps, 2k + 8k tokens) and
 # its DAPO algorithm, as defaults for every variable the calling script (or the environment) has not set. A
@@ -220,6 +230,9 @@ mtp_rl_overrides() {
         actor_rollout_ref.actor.megatron.context_parallel_size="${TRAIN_CP}"
         actor_rollout_ref.actor.megatron.param_offload="${OFFLOAD}"
         actor_rollout_ref.actor.megatron.optimizer_offload="${OFFLOAD}"
+        # Every checkpoint also holds the trained model in Hugging Face format, MTP layers included
+        # (model/huggingface/, written through the bridge): what python -m verl_mtp.model_merger exports.
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
     )
 
     REF_ARGS=(

@@ -5,7 +5,7 @@
 #
 #   MTP_MODE=rl_occ bash recipe/mtp_rl/run_glm45_air_dapo.sh           # OCC (default)
 #   MTP_MODE=detach bash recipe/mtp_rl/run_glm45_air_dapo.sh           # baseline
-#   DRY_RUN=1 MTP_MODE=rl bash recipe/mtp_rl/run_glm45_air_dapo.sh     # print the resolved config only
+#   DRY_RUN=1 MTP_MODE=rl bash recipe/mtp_rl/run_glm45_air_dapo.sh     # check it on a CPU, no GPU, no Ray
 #
 # Extra Hydra overrides can be appended: ... run_glm45_air_dapo.sh trainer.total_training_steps=10
 # Run it on the Ray head node of a cluster with NNODES x GPUS_PER_NODE GPUs (see recipe/mtp_rl/README.md).

@@ -27,11 +27,11 @@ def bare_engine(mtp_loss_type="rl", context_parallel_size=2, **engine):
 
 def test_rl_with_dynamic_context_parallel_fails_at_start_up_with_a_clear_error():
     engine = bare_engine(context_parallel_size=2, dynamic_context_parallel=True)
-    with pytest.raises(NotImplementedError, match=r"mtp_loss_type=rl does not support .*dynamic_context_parallel=True"):
+    with pytest.raises(ValueError, match=r"mtp_loss_type=rl does not support .*dynamic_context_parallel=True"):
         check_mtp_rl_layout(engine)
     # initialize() runs the check first: it fails before verl's engine builds anything
     advice = r"dynamic_context_parallel=False with context_parallel_size > 1.*mtp_loss_type=detach"
-    with pytest.raises(NotImplementedError, match=advice):
+    with pytest.raises(ValueError, match=advice):
         MegatronMTPEngineWithLMHead.initialize(engine)
 
 
@@ -41,7 +41,7 @@ def test_the_unbound_check_on_a_plain_stand_in():
         model_config=SimpleNamespace(mtp=MtpRLConfig(enable=True, mtp_loss_type="rl")),
         engine_config=SimpleNamespace(context_parallel_size=1, dynamic_context_parallel=True),
     )
-    with pytest.raises(NotImplementedError, match="dynamic_context_parallel"):
+    with pytest.raises(ValueError, match="dynamic_context_parallel"):
         check_mtp_rl_layout(stand_in)
 
 

@@ -101,12 +101,17 @@ def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
         model, input_ids, {}, logits_processor=processor, logits_processor_args=args, pad_token_id=0,
         data_format=fmt, mtp_enable_train=True,
     )
-    loss_fn = partial(ppo_loss, config=mtp_actor_config(DAPO))
+    model_output = {}  # what the loss saw: the engine drops the heads' outputs once the loss has used them
+    loss_fn = partial(_ppo_loss_keeping_outputs, config=mtp_actor_config(DAPO), sink=model_output)
     scaled_loss, out = engine.postprocess_micro_batch_func(output, data, forward_only=False, loss_function=loss_fn)
     scaled_loss.backward()
-    model_output = {k: [t.detach().clone() for t in v.unbind()] for k, v in out["model_output"].items()}
     lambdas = {k: float(out["metrics"][f"actor/mtp_{k}/lambda"]) for k in range(1, num_heads + 1)}
     return model_output, float(scaled_loss.detach()), lambdas
+
+
+def _ppo_loss_keeping_outputs(config, model_output, data, dp_group=None, *, sink: dict):
+    sink.update({k: [t.detach().clone() for t in v.unbind()] for k, v in model_output.items()})
+    return ppo_loss(config, model_output, data, dp_group)
 
 
 def _setup_model(num_heads: int, seed: int, fmt: str, params=None):

@@ -6,12 +6,14 @@ CPU each, too much for 3 scripts x 4 modes in a unit test. So:
 
 * every (script, mode) runs through bash with a ``python3`` stub on ``PATH`` that records the launch line; the
   recorded Hydra overrides are composed in-process (the same config module and overrides the entry point uses)
-  and resolved;
-* one real dry run per script (in parallel) checks the printed YAML is exactly that composition, so what the
-  stub-based tests check is what ``DRY_RUN=1`` prints.
+  and resolved, and go through the entry point's start-up checks in-process (``config_check.check_config``);
+* one real ``DRY_RUN=1`` per script (``--check``, in parallel) checks the whole path: bash, the entry point, the
+  printed layout, exit status 0; one real ``DRY_RUN=config`` checks the printed YAML is exactly the in-process
+  composition, so what the stub-based tests check is what the scripts launch.
 
 The configs are checked for the MTP regime, the algorithm (policy loss, clipping, batch sizes, lr, lengths, DAPO's
-overlong buffer and dynamic sampling), the parallel layout, paths, and verl's own ``validate_config``.
+overlong buffer and dynamic sampling), the parallel layout, paths, the Hugging Face export in every checkpoint,
+verl's own ``validate_config`` and verl-mtp's start-up checks.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO / "recipe" / "mtp_rl"
 MODES = ("detach", "ce", "rl", "rl_occ")
 DRY_RUN_TIMEOUT_S = 300
-ENTRY = ["-m", "verl_mtp.trainer.main_ppo", "--cfg", "job", "--resolve"]
-# One real (printing) dry run per script, each in a different mode.
+ENTRY = ["-m", "verl_mtp.trainer.main_ppo", "--check"]
+# One real DRY_RUN=1 (--check) per script, each in a different mode, and one real DRY_RUN=config (printed YAML).
 REAL_RUNS = {"run_mimo_7b_rl_dapo.sh": "rl_occ", "run_mimo_7b_rl_gspo.sh": "rl", "run_glm45_air_dapo.sh": "detach"}
+PRINT_RUN = ("run_glm45_air_dapo.sh", "detach")
 
 # Everything the scripts read from the environment: cleared so the test sees the scripts' own defaults.
 RECIPE_ENV = (
@@ -185,20 +188,22 @@ def _real_dry_runs(request, home):
     Only when a selected test reads them. Each run gets its own process group (bash and its python child),
     which is killed if the run is still going when the module ends.
     """
-    if not any("printed" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    if not any({"printed", "checked"} & set(getattr(item, "fixturenames", ())) for item in request.session.items):
         yield {}
         return
+    runs = {(script, "1"): mode for script, mode in REAL_RUNS.items()}
+    runs[(PRINT_RUN[0], "config")] = PRINT_RUN[1]
     procs = {
-        script: subprocess.Popen(
+        (script, dry_run): subprocess.Popen(
             ["bash", str(RECIPE_DIR / script)],
-            env=_env(home, MTP_MODE=mode),
+            env=_env(home, MTP_MODE=mode, DRY_RUN=dry_run),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
         )
-        for script, mode in REAL_RUNS.items()
+        for (script, dry_run), mode in runs.items()
     }
     yield procs
     for proc in procs.values():
@@ -208,17 +213,29 @@ def _real_dry_runs(request, home):
 
 
 @pytest.fixture(scope="module")
-def printed(_real_dry_runs):
-    """Real ``DRY_RUN=1`` output of one mode per script: ``{script: CompletedProcess}``."""
+def finished_runs(_real_dry_runs):
+    """The real runs' output: ``{(script, DRY_RUN): CompletedProcess}``."""
     out = {}
-    for script, proc in _real_dry_runs.items():
+    for key, proc in _real_dry_runs.items():
         try:
             stdout, stderr = proc.communicate(timeout=DRY_RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-        out[script] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        out[key] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     return out
+
+
+@pytest.fixture(scope="module")
+def printed(finished_runs):
+    """Real ``DRY_RUN=config`` output (the resolved YAML) of ``PRINT_RUN``."""
+    return finished_runs[(PRINT_RUN[0], "config")]
+
+
+@pytest.fixture(scope="module")
+def checked(finished_runs):
+    """Real ``DRY_RUN=1`` output of one mode per script: ``{script: CompletedProcess}``."""
+    return {script: finished_runs[(script, "1")] for script in REAL_RUNS}
 
 
 def _get(cfg, key):
@@ -262,15 +279,61 @@ def test_unknown_mode_fails_before_python(script, home):
 # ----------------------------------------------------------------------------------------- printed configs
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_dry_run_prints_the_resolved_config(printed, dry_runs, script):
-    proc = printed[script]
-    assert proc.returncode == 0, f"DRY_RUN=1 {script} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+def test_dry_run_config_prints_the_resolved_config(printed, dry_runs):
+    proc = printed
+    assert proc.returncode == 0, f"DRY_RUN=config {PRINT_RUN} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     # stdout is the YAML and nothing else: bash's trace and every log line go to stderr.
     cfg = OmegaConf.create(proc.stdout)
     assert "${" not in proc.stdout  # resolved
     assert "hydra" not in cfg  # the job config only
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(dry_runs[(script, REAL_RUNS[script])])
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(dry_runs[PRINT_RUN])
+
+
+# what --check prints for each script's default cluster
+CHECKED_LAYOUT = {
+    "run_mimo_7b_rl_dapo.sh": ["cluster: 16 node(s) x 8 GPUs = 128 GPUs", "actor:   DP 16 x TP 2 x PP 2 x CP 2",
+                               "rollout: 64 replica(s) x TP 2"],
+    "run_mimo_7b_rl_gspo.sh": ["actor:   DP 16 x TP 2 x PP 2 x CP 2", "rollout: 64 replica(s) x TP 2"],
+    "run_glm45_air_dapo.sh": ["cluster: 32 node(s) x 8 GPUs = 256 GPUs", "actor:   DP 32 x TP 4 x PP 2 x CP 1",
+                              "experts: EP 8 x ETP 1 (expert-data-parallel 16)", "rollout: 32 replica(s) x TP 8",
+                              "1 node(s) -> does not divide, 2 node(s) -> DP 2"],
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_checks_the_run(checked, script):
+    proc = checked[script]
+    assert proc.returncode == 0, f"DRY_RUN=1 {script} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert proc.stdout.startswith("verl-mtp --check: OK (no GPU, no Ray)\n")
+    for line in CHECKED_LAYOUT[script]:
+        assert line in proc.stdout, proc.stdout
+    assert "WARNING" not in proc.stdout
+    # The default paths do not exist on the test machine: reported, not refused.
+    assert "not checked here: actor_rollout_ref.model.path=" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_and_mode_passes_the_start_up_checks(dry_runs, script, mode):
+    from verl_mtp.trainer.config_check import check_config
+
+    report = check_config(dry_runs[(script, mode)])
+    assert report.warnings == [], report.warnings
+    assert any("MtpRLConfig" in built for built in report.built)
+
+
+def test_speculative_decoding_run_passes_with_its_cost_warned(dry_runs):
+    from verl_mtp.trainer.config_check import check_config
+
+    (warning,) = check_config(dry_runs["custom"]).warnings  # detach keeps the drafts trained: no stale warning
+    assert "spec_accept_rate" in warning
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_dry_run_value_fails_before_python(script, home):
+    proc = _run(script, home, DRY_RUN="yes")
+    assert proc.returncode == 2 and "DRY_RUN=yes is not 0, 1 or config" in proc.stderr
+    assert "verl_mtp.trainer.main_ppo" not in proc.stderr
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -373,6 +436,8 @@ def test_layout_and_paths(dry_runs, script, home):
             assert megatron[key] == value, (role, key)
     megatron = cfg.actor_rollout_ref.actor.megatron
     assert megatron.use_mbridge is True
+    # every checkpoint holds the Hugging Face export (MTP layers included) that verl_mtp.model_merger serves
+    assert list(cfg.actor_rollout_ref.actor.checkpoint.save_contents) == ["model", "optimizer", "extra", "hf_model"]
     assert cfg.actor_rollout_ref.model.use_fused_kernels is False  # verl turns them off with MTP anyway
     assert megatron.dynamic_context_parallel is False  # unsupported by the rl regime
     assert cfg.actor_rollout_ref.rollout.name == "vllm"

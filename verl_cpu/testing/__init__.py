@@ -13,9 +13,11 @@ shaped as verl's engine hands them to ``ppo_loss`` (:mod:`.actor_batch`)::
     prepare_mtp_loss_tracker(k)                  # before calling model(...) yourself with labels in training
     run_cpu_ranks(fn, world_size, *args)         # fn(RankInfo, *args) in n spawned processes, results back
     make_actor_batch(prompt_lens, response_lens) # verl's no-padding actor micro-batch; nested_like(data, v)
+    HostSyncCounter()                            # counts host synchronisations as a GPU pays them (with ...:)
 """
 
 from verl_cpu.testing.actor_batch import make_actor_batch, nested_like
+from verl_cpu.testing.host_syncs import HostSyncCounter
 from verl_cpu.testing.ranks import RankInfo, run_cpu_ranks
 from verl_cpu.testing.tiny_gpt import (
     MTP_LOSS_TRACKER_KEY,
@@ -28,6 +30,7 @@ from verl_cpu.testing.tiny_gpt import (
 )
 
 __all__ = [
+    "HostSyncCounter",
     "MTP_LOSS_TRACKER_KEY",
     "RankInfo",
     "build_tiny_gpt",

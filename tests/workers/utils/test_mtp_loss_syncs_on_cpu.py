@@ -1,6 +1,6 @@
 """Host synchronisations of one micro-batch of the MTP term: alignment, loss, OCC and metrics.
 
-Counted at the dispatcher by :class:`benchmarks.host_syncs.HostSyncCounter` (every ``item`` / ``bool`` /
+Counted at the dispatcher by :class:`verl_cpu.testing.host_syncs.HostSyncCounter` (every ``item`` / ``bool`` /
 ``tolist``, data-dependent shape, host<->device copy), verl's helpers and its registered policy losses counted
 by what they do inside. Budget per micro-batch of K heads, every policy loss verl registers:
 
@@ -17,7 +17,7 @@ import torch
 from support.actor_config import mtp_actor_config
 from verl_cpu.testing import make_actor_batch, nested_like
 
-from benchmarks.host_syncs import HostSyncCounter
+from verl_cpu.testing.host_syncs import HostSyncCounter
 from verl.workers.utils.losses import ppo_loss
 from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs, mtp_ce_key, mtp_output_keys
 from verl_mtp.trainer.ppo.mtp_occ import OCCState

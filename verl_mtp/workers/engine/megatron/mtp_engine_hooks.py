@@ -68,6 +68,7 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
 )
 from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings, check_megatron_mtp_settings
+from verl_mtp.workers.config.mtp_run_checks import check_mtp_megatron_layout
 from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
 
 logger = logging.getLogger(__name__)
@@ -115,37 +116,13 @@ def is_mtp_rl(engine) -> bool:
     return isinstance(mtp, MtpRLConfig) and mtp.is_rl
 
 
-def check_mtp_rl_layout(engine) -> None:
-    """Refuse, before anything is built, the layouts whose MTP inputs would be rolled wrongly.
-
-    Static context parallelism works: Megatron's MTP block rolls its inputs across the CP ranks' zig-zag
-    chunks with the padded packed offsets verl passes, and the head targets are packed by verl itself.
-    Dynamic CP regroups ranks per micro-batch, but the MTP block rolls over the static CP group.
-    """
-    if not is_mtp_rl(engine):
-        return
-    if bool(getattr(engine.engine_config, "dynamic_context_parallel", False)):
-        raise NotImplementedError(
-            "actor_rollout_ref.model.mtp.mtp_loss_type=rl does not support "
-            "actor_rollout_ref.actor.megatron.dynamic_context_parallel=True: Megatron's MTP block rolls its "
-            "inputs over the static context-parallel group, not the per-micro-batch dynamic groups, so the "
-            "heads would see wrong tokens. Use dynamic_context_parallel=False with context_parallel_size > 1 "
-            "(supported), or mtp_loss_type=detach. See docs/mtp_rl.md."
-        )
-
-
-def _check_gradient_estimator_layout(engine) -> None:
-    """The estimator reads whole DP-averaged gradients; the distributed optimizer keeps only a shard of them."""
-    occ = engine.model_config.mtp.occ
-    dp_size = engine.get_data_parallel_size()
-    if occ.needs_gradients and engine.engine_config.use_distributed_optimizer and dp_size > 1:
-        raise ValueError(
-            "actor_rollout_ref.model.mtp.occ.estimator=gradient / occ.diagnose_every > 0 read whole "
-            "data-parallel-averaged gradients, which Megatron's distributed optimizer shards over the "
-            f"{dp_size} data-parallel ranks: set "
-            "actor_rollout_ref.actor.megatron.use_distributed_optimizer=False, or use occ.estimator=proxy "
-            "with occ.diagnose_every=0."
-        )
+def check_mtp_rl_layout(engine, data_parallel_size: int = 1) -> None:
+    """Refuse the layouts the regime cannot train right (:func:`check_mtp_megatron_layout`, the checks the
+    trainer's ``--check`` also runs): before anything is built, dynamic context parallelism; once the data-parallel
+    size is known, the gradient estimator with Megatron's distributed optimizer."""
+    mtp = engine.model_config.mtp
+    if isinstance(mtp, MtpRLConfig):
+        check_mtp_megatron_layout(mtp, engine.engine_config, data_parallel_size)
 
 
 def install_mtp_rl(engine) -> None:
@@ -158,7 +135,7 @@ def install_mtp_rl(engine) -> None:
         for chunk in engine.module:
             let_mtp_layers_recompute(chunk)
     if is_mtp_rl(engine):
-        _check_gradient_estimator_layout(engine)
+        check_mtp_rl_layout(engine, engine.get_data_parallel_size())
         engine.occ_state = OCCState(mtp.occ)
         for chunk in engine.module:
             engine.rl_postprocess[chunk] = MTPRLPostprocess(

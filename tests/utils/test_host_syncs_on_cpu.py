@@ -4,7 +4,7 @@ and nothing for values that live on the host anyway."""
 import pytest
 import torch
 
-from benchmarks.host_syncs import HostSyncCounter
+from verl_cpu.testing.host_syncs import HostSyncCounter
 
 
 def kinds(fn) -> list[str]:
