@@ -4,7 +4,7 @@ verl's ``ActorRolloutRefWorker`` (as ``verl_cpu.engine_smoke`` builds it on CPU)
 ``rl`` + OCC on a MiMo-style model written here (about 1.5B parameters on CUDA, tiny on CPU), and runs one actor
 update on a synthetic batch. Checked per regime: the losses and (rl_occ) the MTP coefficient are finite, and both
 a trunk weight and an MTP-layer weight changed. On CUDA the machine has no TransformerEngine: the model is built
-through verl_cpu's local-spec bridges, placed on the GPU by mbridge (``register_cpu_bridges(on_cpu=False)``), with
+through verl_cpu's local-spec bridges, placed on the GPU by mbridge (``verl_cpu.patches.MBRIDGE_BRIDGES_ON_GPU``), with
 the project's torch attention for packed sequences, under verl's CUDA platform and single-process NCCL.
 """
 
@@ -102,11 +102,11 @@ def worker_updates(cpu: bool) -> int:
     import torch
 
     import verl  # noqa: F401  (the platform and the engine plugins, now that the environment is set)
-    from verl_cpu.bridges import register_cpu_bridges
+    from verl_cpu.patches import MBRIDGE_BRIDGES_ON_GPU
     from verl_mtp_example.tiny_model import make_tiny_mimo
 
     if not cpu:
-        register_cpu_bridges(on_cpu=False)
+        MBRIDGE_BRIDGES_ON_GPU.apply()
         print("# worker: local layer spec (no TransformerEngine), bf16, one rank", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         architecture = {} if cpu else dict(LARGE, dtype="bfloat16")

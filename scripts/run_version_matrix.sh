@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The megatron-core versions other than the default one (which `bash scripts/run_tests.sh` runs); `.ci/run`
-# runs it after the default suite. For each version: install it over the one virtualenv (.venv/mcore-<version>,
-# cached, see scripts/setup_env.sh) and run on it every test that builds a Megatron-Core model: the unit and
-# multi-process tests, and on verl's pin one run of verl's trainer (tests/e2e: rl + OCC, GSPO, two MTP heads).
-# The other trainer runs of tests/e2e (detach vs frozen, resume, multi-rank, the regime study) run in the
-# default leg only: CI has 90 minutes, and each costs minutes of Ray and worker start-up.
+# runs it after the default version's fast and slow tiers. For each version: install it over the one virtualenv
+# (.venv/mcore-<version>, cached, see scripts/setup_env.sh) and run on it the fast tier's tests that build a
+# Megatron-Core model (unit and multi-process), and on verl's pin one run of verl's trainer (tests/e2e: rl + OCC,
+# GSPO, two MTP heads). The other trainer runs of tests/e2e (detach vs frozen, resume, multi-rank, the regime
+# study) run in the default version's slow tier only: each costs minutes of Ray and worker start-up.
 #   VERL_MTP_MATRIX      versions to run (default: the tested ones other than the default, see venv_path.sh)
 #   VERL_MTP_E2E_MCORE   versions whose leg runs that trainer run (default: 0.18.0, verl 0.9.x's pin)
 # Prints one line per leg (set-up time, test time, pytest's summary); exits non-zero if any leg fails.
@@ -20,12 +20,13 @@ failed=0
 # check's CPU mode (a subset of tests/models plus the benchmark, which the legs run anyway).
 VERSION_FREE_TESTS=(--ignore=tests/trainer/test_recipes_on_cpu.py --ignore=tests/upstream
                     --ignore=tests/test_gpu_check_script_on_cpu.py)
+# On an e2e leg: every tier (-m ""), less the trainer runs of the default version's slow tier only.
 main_job=tests/e2e/test_main_job_on_cpu.py
-DEFAULT_LEG_E2E=(--ignore=tests/e2e/test_main_job_multirank_on_cpu.py --ignore=tests/e2e/test_regime_study_on_cpu.py
-                 --deselect=$main_job::test_detach_two_steps_trains_the_mtp_head
-                 --deselect=$main_job::test_detach_leaves_the_trunk_exactly_as_mtp_off
-                 --deselect=$main_job::test_rl_occ_dapo_two_steps_calibrates_and_trains_the_head
-                 --deselect=$main_job::test_resume_from_step_1_continues_exactly)
+E2E_LEG=(-m "" --ignore=tests/e2e/test_main_job_multirank_on_cpu.py --ignore=tests/e2e/test_regime_study_on_cpu.py
+         --deselect=$main_job::test_detach_two_steps_trains_the_mtp_head
+         --deselect=$main_job::test_detach_leaves_the_trunk_exactly_as_mtp_off
+         --deselect=$main_job::test_rl_occ_dapo_two_steps_calibrates_and_trains_the_head
+         --deselect=$main_job::test_resume_from_step_1_continues_exactly)
 default_mcore="$(bash scripts/venv_path.sh --default-mcore)"
 tested="0.16.1 0.18.0 0.19.2"
 for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
@@ -35,8 +36,8 @@ for mcore in ${VERL_MTP_MATRIX:-${tested//$default_mcore/}}; do
     rc=$?
     t1=$SECONDS
     if [[ $rc -eq 0 ]]; then
-        select=("${VERSION_FREE_TESTS[@]}" "${DEFAULT_LEG_E2E[@]}")
-        [[ " ${VERL_MTP_E2E_MCORE:-0.18.0} " == *" $mcore "* ]] || select+=(--ignore=tests/e2e)
+        select=("${VERSION_FREE_TESTS[@]}")
+        [[ " ${VERL_MTP_E2E_MCORE:-0.18.0} " == *" $mcore "* ]] && select+=("${E2E_LEG[@]}")
         VERL_MTP_MCORE="$mcore" bash scripts/run_tests.sh "${select[@]}" "$@" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
     fi

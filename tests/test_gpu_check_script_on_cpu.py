@@ -29,6 +29,7 @@ def cpu_run():
     return run_script("--cpu")
 
 
+@pytest.mark.slow  # the check's sections in fresh interpreters, a model test file again among them
 def test_every_section_passes_on_the_simulated_bare_machine(cpu_run):
     assert cpu_run.returncode == 0, (cpu_run.stdout + cpu_run.stderr)[-6000:]
     assert "FAILED" not in cpu_run.stdout
@@ -36,6 +37,7 @@ def test_every_section_passes_on_the_simulated_bare_machine(cpu_run):
     assert "import-only stand-ins used for" in cpu_run.stderr and "ray" in cpu_run.stderr
 
 
+@pytest.mark.slow  # the check's sections in fresh interpreters, a model test file again among them
 def test_each_section_prints_its_results(cpu_run):
     out = cpu_run.stdout
     assert re.search(r"^check head 1 log-probs chunked vs output layer: .* ok$", out, re.M), out

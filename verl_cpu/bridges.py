@@ -11,18 +11,16 @@ Second blocker: mbridge 0.15.1 ``mbridge.core.util.get_model`` moves every chunk
 :meth:`CPUBridge.get_model` builds the chunks itself: provider -> Float16Module (bf16/fp16) -> Megatron DDP,
 on CPU, no pipeline/virtual-pipeline stages (tensor and data parallelism only).
 
-Registered through mbridge's own registry (``mbridge.core.bridge.register_model``), replacing the entries for
-the model types below only when the CPU platform is active (:mod:`verl_cpu.plugin`). The GPU check registers the
-same local-spec bridges with ``on_cpu=False`` on a GPU machine without TransformerEngine: mbridge's own model
-building (on CUDA) is kept, only the layer spec and the core attention change.
+:data:`verl_cpu.patches.MBRIDGE_BRIDGES` puts them in mbridge's registry (``mbridge.core.bridge._MODEL_REGISTRY``,
+where ``register_model`` writes) in place of the entries for qwen2, llama, qwen3 and mimo, when the CPU platform
+is active (:mod:`verl_cpu.plugin`). The GPU check puts the same local-spec bridges there with ``on_cpu=False``
+(:data:`verl_cpu.patches.MBRIDGE_BRIDGES_ON_GPU`) on a GPU machine without TransformerEngine: mbridge's own
+model building (on CUDA) is kept, only the layer spec and the core attention change.
 """
 
 from __future__ import annotations
 
 from typing import Optional
-
-_CPU_MODEL_TYPES = ("qwen2", "llama", "qwen3", "mimo")
-_registered: dict[str, type] = {}
 
 
 def _local_spec(config, vp_stage=None):
@@ -123,16 +121,3 @@ def make_cpu_bridge(base: type, on_cpu: bool = True) -> type:
 
     CPUBridge.__name__ = CPUBridge.__qualname__ = f"CPU{base.__name__}"
     return CPUBridge
-
-
-def register_cpu_bridges(model_types=_CPU_MODEL_TYPES, on_cpu: bool = True) -> None:
-    """Replace mbridge's bridges for ``model_types`` with their local-spec subclasses (built on CPU with
-    ``on_cpu``, by mbridge on CUDA otherwise). Idempotent."""
-    from verl.models.mcore.mbridge import AutoBridge  # noqa: F401  (verl's mbridge patches first)
-    from mbridge.core.bridge import _MODEL_REGISTRY
-
-    for model_type in model_types:
-        base = _MODEL_REGISTRY.get(model_type)
-        if base is None or base is _registered.get(model_type):
-            continue
-        _registered[model_type] = _MODEL_REGISTRY[model_type] = make_cpu_bridge(base, on_cpu)

@@ -5,21 +5,14 @@ verl asks its platform for the device (``get_torch_device()``, ``get_device_id()
 parallel collectives' output buffers, the MTP loss tracker, RoPE ``inv_freq``; ``torch.cuda.synchronize`` in
 timers; the RNG tracker) and writes ``device="cuda"`` literally in a few more places (the no-pipelining
 schedule's counter tensor, its optimizers, ``weight.data.cuda()`` when pipeline stages tie embeddings).
-Megatron-Core has no extension point for either, so this module gives both their CPU meaning, in two parts
+Megatron-Core has no extension point for either, so the CPU platform gives both their CPU meaning, in two parts
 that the trainer's CPU plugin, the tests (:mod:`verl_cpu.testing`) and the benchmarks all use alike:
 
-1. :func:`install_cuda_shim`, process-wide and idempotent, gives these ``torch.cuda`` functions their CPU
-   meaning and makes Megatron's RNG tracker a :class:`CPURNGStatesTracker`:
-
-   ==============================  ============================================================
-   ``torch.cuda.current_device``   returns ``"cpu"`` (used only as ``device=`` by Megatron-Core)
-   ``torch.cuda.synchronize``      no-op
-   ``torch.cuda.empty_cache``      no-op
-   ``torch.cuda.memory_*``         0 (allocated/reserved/max_*), ``mem_get_info`` = host memory
-   ``torch.cuda.get/set_rng_state`` CPU generator state
-   ``torch.cuda.current_stream``   torch's CPU stream (megatron-core 0.19's grad sync waits on it)
-   ==============================  ============================================================
-
+1. :data:`verl_cpu.patches.CUDA_ON_CPU`, process-wide until undone: the ``torch.cuda`` functions
+   Megatron-Core calls answer with the CPU's device module (:mod:`verl_cpu.device_module`: device
+   ``"cpu"``, no-op ``synchronize`` / ``empty_cache``, memory counters 0 with ``mem_get_info`` the host
+   memory, the CPU generator's RNG state, torch's CPU stream), and Megatron's RNG tracker becomes a
+   :class:`CPURNGStatesTracker`.
    ``torch.cuda.manual_seed(_all)`` are left alone (lazy no-ops on a CPU build), ``torch.cuda.is_available()``
    still answers ``False`` (code that branches on it keeps its CPU branch) and everything else in
    ``torch.cuda`` still fails loudly.
@@ -35,44 +28,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import threading
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
-
-from verl_cpu import device_module as _cpu
-
-logger = logging.getLogger(__name__)
-
-_PATCHES = {
-    "current_device": _cpu.current_device,
-    "synchronize": lambda *a, **k: None,
-    "empty_cache": _cpu.empty_cache,
-    "ipc_collect": _cpu.ipc_collect,
-    "memory_allocated": _cpu.memory_allocated,
-    "max_memory_allocated": _cpu.max_memory_allocated,
-    "memory_reserved": _cpu.memory_reserved,
-    "max_memory_reserved": _cpu.max_memory_reserved,
-    "reset_peak_memory_stats": _cpu.reset_peak_memory_stats,
-    "mem_get_info": _cpu.mem_get_info,
-    "get_rng_state": _cpu.get_rng_state,
-    "set_rng_state": _cpu.set_rng_state,
-    "current_stream": _cpu.current_stream,
-}
-_installed = False
-
-
-def install_cuda_shim() -> None:
-    """Install the CPU meaning of the ``torch.cuda`` functions above and the CPU RNG tracker. Idempotent."""
-    global _installed
-    if not _installed:
-        for name, fn in _PATCHES.items():
-            setattr(torch.cuda, name, fn)
-        _installed = True
-        logger.info("verl_cpu: torch.cuda CPU shim installed (%s)", ", ".join(_PATCHES))
-    install_cpu_rng_tracker()
 
 
 class CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
@@ -103,18 +63,6 @@ class CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(outer_state)
-
-
-def install_cpu_rng_tracker() -> None:
-    """Make Megatron's global RNG tracker a :class:`CPURNGStatesTracker`.
-
-    Marked initialised, so Megatron's own ``model_parallel_cuda_manual_seed`` keeps it and seeds its streams.
-    There is no public hook to choose the tracker class, hence the module globals.
-    """
-    if isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
-        return
-    mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 def _is_cuda(device) -> bool:

@@ -1,21 +1,22 @@
-"""CPU variant of whatever Megatron engine is registered for ``cuda``, for ``EngineRegistry`` device ``cpu``.
+"""CPU variant of whatever Megatron engine is registered for ``cuda``, answered by ``EngineRegistry`` on CPU.
 
 verl registers its Megatron engines for device ``"cuda"`` only (``EngineRegistry.register(..., backend=
 "megatron")`` with its default ``device="cuda"``, verl 0.9.1), so ``EngineRegistry.get_engine_cls`` raises
-"No engine registered for device='cpu'". The CPU entry is a subclass of the ``cuda`` engine that replaces only
+"No engine registered for device='cpu'". The CPU variant is a subclass of the ``cuda`` engine that replaces only
 the optimizer (:class:`~verl_cpu.optimizer.CPUMixedPrecisionOptimizer`) and runs its entry points inside
 :func:`~verl_cpu.cuda.on_cpu` (Megatron-Core's literal ``device="cuda"``).
 
 Which engine is the ``cuda`` one can change after this platform loaded (an extension such as an MTP engine
-swaps itself in when its module is imported, and import order is the user's), so the ``cpu`` entries are not
-fixed at start-up: :func:`install_cpu_engine_lookup` wraps verl's lookup to rebuild them from the current
-``cuda`` entries right before verl resolves an engine (:func:`register_cpu_engines`, the platform's one write
-into verl's engine registry).
+swaps itself in when its module is imported, and import order is the user's), so the variant is made at lookup
+time: :func:`cpu_engine_lookup` is verl's lookup (``verl_cpu.patches.VERL_ENGINE_LOOKUP`` installs it) that
+answers a Megatron lookup on CPU with the variant of the engine registered for ``cuda`` at that moment. The
+registry itself is never written.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -69,32 +70,24 @@ def make_cpu_engine(base: type) -> type:
     return _cache[base]
 
 
-def register_cpu_engines() -> None:
-    """Point ``EngineRegistry[model_type]["megatron"]["cpu"]`` at the CPU variant of its current ``cuda`` engine."""
-    from verl.workers.engine.base import EngineRegistry
+def _engine_device() -> str:
+    """The device verl looks an engine up for (its own rule: the platform's, unless ``VERL_ENGINE_DEVICE``)."""
+    from verl.utils.device import get_device_name
 
-    for backends in EngineRegistry._engines.values():
-        megatron = backends.get("megatron")
-        if not megatron:
-            continue
-        src = megatron.get("cuda") or megatron.get(("cuda", "nvidia"))
-        if src is not None:
-            megatron["cpu"] = make_cpu_engine(src)
+    return os.getenv("VERL_ENGINE_DEVICE") or get_device_name()
 
 
-def install_cpu_engine_lookup() -> None:
-    """Make ``EngineRegistry.get_engine_cls`` refresh the ``cpu`` entries first (see the module doc). Idempotent."""
-    from verl.workers.engine.base import EngineRegistry
-
-    lookup = EngineRegistry.__dict__["get_engine_cls"].__func__
-    if getattr(lookup, "_verl_cpu", False):
-        return
+def cpu_engine_lookup(original: classmethod) -> classmethod:
+    """``EngineRegistry.get_engine_cls`` answering the Megatron backend on CPU with the CPU variant of the
+    ``cuda`` engine, unless a ``cpu`` engine is registered; every other lookup is ``original``'s."""
+    lookup = original.__func__
 
     @functools.wraps(lookup)
     def get_engine_cls(cls, model_type: str, backend: str):
-        register_cpu_engines()
+        engines = cls._engines.get(model_type, {}).get(backend, {})
+        cuda = engines.get("cuda") or engines.get(("cuda", "nvidia"))
+        if backend == "megatron" and cuda is not None and "cpu" not in engines and _engine_device() == "cpu":
+            return make_cpu_engine(cuda)
         return lookup(cls, model_type, backend)
 
-    get_engine_cls._verl_cpu = True
-    EngineRegistry.get_engine_cls = classmethod(get_engine_cls)
-    register_cpu_engines()
+    return classmethod(get_engine_cls)

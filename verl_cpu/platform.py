@@ -1,7 +1,8 @@
 """``PlatformCPU``: verl's platform abstraction (``verl.plugin.platform``) for a machine without accelerator.
 
-Registered as platform ``"cpu"`` in ``verl.plugin.platform.PlatformRegistry``; selected with
-``VERL_PLATFORM=cpu`` (verl's own override of auto-detection). It answers ``get_device_name() == "cpu"``,
+Registered as platform ``"cpu"`` in ``verl.plugin.platform.PlatformRegistry`` by :data:`verl_cpu.patches.
+VERL_PLATFORM` (the CPU plugin applies it); selected with ``VERL_PLATFORM=cpu`` (verl's own override of
+auto-detection). It answers ``get_device_name() == "cpu"``,
 ``get_nccl_backend() == "gloo"``, Ray logical ``"GPU"`` slots (see :meth:`PlatformCPU.ray_resource_name`) and a
 ``torch.cpu``-like device module (:mod:`verl_cpu.device_module`).
 """
@@ -13,14 +14,10 @@ import os
 from types import ModuleType
 from typing import Any, Optional
 
-from verl.plugin.platform import PlatformBase, PlatformRegistry
+from verl.plugin.platform import PlatformBase
 
 from verl_cpu import device_module as _cpu_device_module
 
-PLATFORM_NAME = "cpu"
-
-
-@PlatformRegistry.register(platform=PLATFORM_NAME)
 class PlatformCPU(PlatformBase):
     """CPU-only platform: gloo collectives, Ray ``CPU`` resources, no IPC, no profiler ranges."""
 

@@ -1,8 +1,9 @@
 """``hf_cpu``: a CPU rollout for verl's agent loop -- a Ray actor that samples with HF transformers.
 
-Plugs into verl through its rollout extension points (no vLLM/SGLang on CPU):
+Plugs into verl through its rollout extension points (no vLLM/SGLang on CPU), as
+:data:`verl_cpu.patches.VERL_ROLLOUT_REPLICA` and :data:`~verl_cpu.patches.VERL_ROLLOUT_ADAPTER` register them:
 
-* ``RolloutReplicaRegistry.register("hf_cpu", ...)`` -> :class:`CPURolloutReplica` (what ``AgentLoopManager``
+* ``RolloutReplicaRegistry`` ``"hf_cpu"`` -> :class:`CPURolloutReplica` (what ``AgentLoopManager``
   builds for ``actor_rollout_ref.rollout.name=hf_cpu``); it launches one :class:`CPURolloutServer` Ray actor
   per replica, named like verl's servers (``{prefix}server_{replica}_{node}``);
 * ``verl.workers.rollout.base._ROLLOUT_REGISTRY[("hf_cpu", "async")]`` -> :class:`CPUServerAdapter`, the
@@ -39,9 +40,6 @@ from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutpu
 from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR
 
 logger = logging.getLogger(__name__)
-
-ROLLOUT_NAME = "hf_cpu"
-
 
 MTP_LAYER_KEY = ".mtp_layers."
 
@@ -289,17 +287,3 @@ class CPUServerAdapter(BaseRollout):
         server = self._server()
         if server is not None:
             await server.update_weights.remote(named, global_steps)
-
-
-def _register_cpu_rollout() -> None:
-    from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: CPURolloutReplica)
-    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.CPUServerAdapter"
-
-
-# Registered where it is defined. The plugin only imports this module: in a Ray actor that unpickles this
-# module, verl's plugin loading imports it again while it is half-initialised, and a plain import is all
-# that then needs to succeed.
-_register_cpu_rollout()

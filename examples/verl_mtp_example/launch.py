@@ -18,7 +18,7 @@ Stages (each cached, so a second launch with the same settings starts training a
 3. **RL**: ``python -m verl_mtp.trainer.main_ppo`` (verl's Ray PPO trainer on verl-mtp's config) with the tiny
    MiMo example's config (:mod:`.trainer_command`), as a subprocess on the CPU platform (``verl_cpu``: Megatron
    actor on gloo, ``hf_cpu`` rollout), with GRPO group advantages, DAPO's or GSPO's policy loss and the MTP
-   regime of ``--mode``:
+   regime of ``--mode`` (:mod:`.modes`: verl-mtp's regimes, plus ``rl_occ`` and ``frozen``):
 
    ========  =====================================================================================
    detach    ``mtp_loss_type=detach``: MTP heads trained with Megatron's CE on detached trunk inputs

@@ -29,7 +29,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from verl_mtp_example import study_report
+from verl_mtp_example import study_figures, study_report
+from verl_mtp_example.modes import MODES
 
 MTP = "actor_rollout_ref.model.mtp"
 
@@ -48,16 +49,20 @@ class Regime:
 
     @property
     def diagnosed(self) -> bool:
-        return self.mode in ("rl", "rl_occ")
+        return MODES[self.mode].policy_loss
 
 
-REGIMES = {r.name: r for r in (
-    Regime("detach", "detach"),
-    Regime("ce", "ce"),
-    Regime("rl_0.1", "rl", 0.1),
-    Regime("rl_1.0", "rl", 1.0),
-    Regime("rl_occ", "rl_occ"),
-)}
+# --mtp-coef values a mode runs at, one column each (None: the mode's default); a mode not listed runs once
+FIXED_COEFFICIENTS = {"rl": (0.1, 1.0)}
+
+
+def _columns(mode) -> list[Regime]:
+    return [Regime(mode.name if coef is None else f"{mode.name}_{coef}", mode.name, coef)
+            for coef in FIXED_COEFFICIENTS.get(mode.name, (None,))]
+
+
+# One column (or one per coefficient) for every launcher mode that trains the heads: verl-mtp's regimes and rl_occ.
+REGIMES = {r.name: r for mode in MODES.values() if mode.regime is not None for r in _columns(mode)}
 
 
 @dataclass
@@ -217,7 +222,8 @@ def main(argv=None) -> int:
     failed = [] if args.report_only else run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
     report = study_report.write_report(out, settings.regimes, settings.seeds, settings.steps,
                                        seconds=None if args.report_only else time.time() - t0)
-    log(f"table {report['table']}, figures {', '.join(report['figures'])}")
+    figures = study_figures.draw_all(out, report["runs"], report["pairs"], report["results"]["lambda_correlation"])
+    log(f"table {report['table']}, figures {', '.join(figures)}")
     return 1 if failed else 0
 
 

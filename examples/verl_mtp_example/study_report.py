@@ -170,9 +170,8 @@ def correlations(exact: list[float], proxy: list[float]) -> dict:
 
 
 def write_report(out: str, regimes: list[str], seeds: list[int], steps: int, seconds: Optional[float]) -> dict:
-    """Table, results and figures of the finished (or partly finished) study in ``out``."""
-    from verl_mtp_example import study_figures
-
+    """Table and results of the finished (or partly finished) study in ``out``; the runs and lambda pairs they
+    came from, for the figures (:func:`.study_figures.draw_all`)."""
     runs = load_runs(out, regimes, seeds)
     rows = [regime_row(name, runs[name], runs.get("detach")) for name in regimes if name in runs]
     pairs = lambda_pairs(runs)
@@ -187,7 +186,6 @@ def write_report(out: str, regimes: list[str], seeds: list[int], steps: int, sec
                "steps": steps, "study_seconds": seconds}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    figures = study_figures.draw_all(out, runs, pairs, lam)
     print(table, flush=True)
     print(f"proxy vs exact lambda: {json.dumps(lam)}", flush=True)
-    return {"table": os.path.join(out, "table.md"), "figures": figures, "results": results}
+    return {"table": os.path.join(out, "table.md"), "results": results, "runs": runs, "pairs": pairs}

@@ -1,10 +1,11 @@
 """The trainer's command line: verl-mtp's PPO entry point, the tiny MiMo example's config, the launcher's switches.
 
 The fixed settings of the example live in YAML (``config/tiny_mimo_example/``): ``ppo.yaml`` composes the CPU
-platform's Megatron engine group (``verl_cpu/config/cpu_engine``) and one option of each of the example's groups
-``algo`` (policy loss) and ``mode`` (MTP regime) on top of verl-mtp's primary config ``mtp_ppo_megatron_trainer``.
-This module only turns the launcher's switches into Hydra overrides on top of that: which options, paths, batch
-sizes, learning rate, seeds, steps, parallel layout. The user's own overrides (after ``--``) come last and win.
+platform's Megatron engine group (``verl_cpu/config/cpu_engine``) and one option of the example's group ``algo``
+(policy loss) on top of verl-mtp's primary config ``mtp_ppo_megatron_trainer``. This module only turns the
+launcher's switches into Hydra overrides on top of that: the policy loss, the MTP regime's keys (:mod:`.modes`,
+derived from verl-mtp's regimes), paths, batch sizes, learning rate, seeds, steps, parallel layout. The user's own
+overrides (after ``--``) come last and win.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from __future__ import annotations
 import os
 import sys
 
+from verl_mtp_example.modes import MODES, MTP
+
 TRAINER_MODULE = "verl_mtp.trainer.main_ppo"
 # verl-mtp's primary config stays the primary one; the example is an appended group of the same composition.
 EXAMPLE_CONFIG = [
     "hydra.searchpath=[pkg://verl.trainer.config,pkg://verl_cpu.config,pkg://verl_mtp_example.config]",
     "+tiny_mimo_example=ppo",
 ]
-MODE_GROUP = "tiny_mimo_example/mode"
 ALGO_GROUP = "tiny_mimo_example/algo"
-MODES = ("detach", "ce", "rl", "rl_occ", "frozen")
 ALGOS = ("dapo", "gspo")
 DEFAULT_LR_WARMUP_STEPS = 3
-MTP = "actor_rollout_ref.model.mtp"
 ACTOR = "actor_rollout_ref.actor"
 ROLLOUT = "actor_rollout_ref.rollout"
 
@@ -55,7 +55,7 @@ def parallel_overrides(args) -> list[str]:
     world = world_size(args)
     overrides = [f"trainer.n_gpus_per_node={world}", f"ray_kwargs.ray_init.num_gpus={world}",
                  f"{ACTOR}.megatron.tensor_model_parallel_size={args.tp}"]
-    if args.dp > 1 and args.mode == "rl_occ":
+    if args.dp > 1 and MODES[args.mode].occ:
         overrides.append(f"{MTP}.occ.scope=data_parallel")
     return overrides
 
@@ -71,8 +71,8 @@ def lr_warmup_steps(args) -> int:
 
 
 def mode_overrides(args) -> list[str]:
-    """The regime's option of the ``mode`` group, plus the switches that tune it."""
-    overrides = [f"{MODE_GROUP}={args.mode}"]
+    """The mode's MTP keys (:mod:`.modes`), plus the switches that tune it."""
+    overrides = MODES[args.mode].overrides()
     if args.mtp_coef is not None:
         overrides.append(f"{MTP}.mtp_loss_scaling_factor={args.mtp_coef}")
     if args.carry_last_lambda:

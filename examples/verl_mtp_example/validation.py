@@ -2,8 +2,8 @@
 
 A run starts the SFT warm-up, Ray and a Megatron model before the trainer reads its first setting, so a bad
 value found there costs the whole start-up and may end in a bare assertion deep inside Megatron. These rules run in the
-launcher's own process before any of that (verl is imported only for OCC's one-update rule, which is the
-product's) and refuse with the switch -- flag and the
+launcher's own process before any of that starts (verl is imported only for OCC's one-update rule, which is
+the product's) and refuse with the switch -- flag and the
 environment variable of ``scripts/run_main.sh`` where there is one --, its value and the fix. Settings that
 are legal but make a regime meaningless (OCC with one optimizer update per step) are warnings.
 
@@ -19,15 +19,8 @@ from importlib.resources import files
 from typing import Any, Callable, Optional
 
 from verl_mtp_example import run_dir
-from verl_mtp_example.trainer_command import (
-    ACTOR,
-    ALGO_GROUP,
-    MODE_GROUP,
-    MODES,
-    default_lr_warmup_steps,
-    mini_batch,
-    rank_samples,
-)
+from verl_mtp_example.modes import MODES, MTP
+from verl_mtp_example.trainer_command import ACTOR, ALGO_GROUP, default_lr_warmup_steps, mini_batch, rank_samples
 
 # switches that scripts/run_main.sh also takes from the environment
 _ENV_NAMES = {"steps": "STEPS", "mode": "MODE", "algo": "ALGO", "seed": "SEED", "workdir": "WORKDIR",
@@ -183,14 +176,16 @@ def check_answer_length(args) -> None:
 
 
 def check_mode_switches(args) -> None:
-    if args.mtp_coef is not None and args.mode in ("rl_occ", "frozen"):
-        why = ("OCC sets the coefficient; scale it with -- actor_rollout_ref.model.mtp.occ.lambda_plus=..."
-               if args.mode == "rl_occ" else "frozen MTP layers have no loss")
+    mode = MODES[args.mode]
+    if args.mtp_coef is not None and not mode.fixed_coefficient:
+        why = (f"OCC sets the coefficient; scale it with -- {MTP}.occ.lambda_plus=..." if mode.occ
+               else "frozen MTP layers have no loss")
+        fixed = _modes_where(lambda m: m.policy_loss and m.fixed_coefficient)
         raise UsageError(f"--mtp-coef {args.mtp_coef} has no effect with {switch('mode')} {args.mode} ({why}); "
-                         "drop --mtp-coef, or use --mode rl for a fixed coefficient")
-    if args.carry_last_lambda and args.mode != "rl_occ":
+                         f"drop --mtp-coef, or use --mode {fixed[0]} for a fixed coefficient")
+    if args.carry_last_lambda and not mode.occ:
         raise UsageError(f"--carry-last-lambda only applies to OCC, not to {switch('mode')} {args.mode}: "
-                         "use --mode rl_occ or drop --carry-last-lambda")
+                         f"use --mode {_modes_where(lambda m: m.occ)[0]} or drop --carry-last-lambda")
 
 
 def check_dirs(args) -> None:
@@ -260,29 +255,28 @@ def check_resume(args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # overrides after --, against the switches
 # ---------------------------------------------------------------------------------------------------------
-def _modes_with(key: str, value: Any) -> list[str]:
-    return [mode for mode in MODES if option_settings(MODE_GROUP, mode).get(key) == value]
+def _modes_where(predicate: Callable) -> list[str]:
+    return [name for name, mode in MODES.items() if predicate(mode)]
 
 
 def check_overrides(args, overrides: dict[str, tuple[str, Any]]) -> None:
-    for group, name in ((MODE_GROUP, "mode"), (ALGO_GROUP, "algo")):
-        if group in overrides:
-            raise UsageError(f"'{overrides[group][0]}' after --: choose it with {switch(name)} instead")
+    if ALGO_GROUP in overrides:
+        raise UsageError(f"'{overrides[ALGO_GROUP][0]}' after --: choose it with {switch('algo')} instead")
     for key, owner in _LAUNCHER_KEYS.items():
         if key in overrides:
             raise UsageError(f"'{overrides[key][0]}' after --: the launcher sets {key} from {owner} (and reads "
                              f"back what it needs of its own output); use {owner} instead")
-    for group, name in ((MODE_GROUP, "mode"), (ALGO_GROUP, "algo")):
-        chosen = getattr(args, name)
-        for key, expected in option_settings(group, chosen).items():
+    chosen = {"mode": MODES[args.mode].settings, "algo": option_settings(ALGO_GROUP, args.algo)}
+    for name, settings in chosen.items():
+        for key, expected in settings.items():
             if key in overrides and overrides[key][1] != expected:
                 hint = ""
-                if group == MODE_GROUP:
-                    fits = _modes_with(key, overrides[key][1])
+                if name == "mode":
+                    fits = _modes_where(lambda mode: mode.settings[key] == overrides[key][1])
                     hint = f", e.g. {setting(name, fits[0])}," if fits else ""
                 raise UsageError(
-                    f"{switch(name)} {chosen} sets {key}={expected}, but '{overrides[key][0]}' after -- contradicts "
-                    f"it: choose the {name} with {switch(name)}{hint} instead of overriding the key")
+                    f"{switch(name)} {getattr(args, name)} sets {key}={expected}, but '{overrides[key][0]}' after -- "
+                    f"contradicts it: choose the {name} with {switch(name)}{hint} instead of overriding the key")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +289,7 @@ def _effective(args, overrides: dict, key: str, default: Any) -> Any:
 def occ_updates_warning(args, overrides: dict) -> Optional[str]:
     """OCC's lambda needs an optimizer update earlier in the same step: the product's rule (the trainer's
     ``--check`` applies the same one), on the switches' effective values."""
-    occ = _effective(args, overrides, "actor_rollout_ref.model.mtp.occ.enable", args.mode == "rl_occ")
+    occ = _effective(args, overrides, f"{MTP}.occ.enable", MODES[args.mode].occ)
     if not occ:
         return None
     from verl_mtp.workers.config.mtp_run_checks import occ_single_update_warning  # imports verl: only with OCC

@@ -2,7 +2,7 @@
 # Shared by the recipe/mtp_rl launch scripts; source it, do not run it.
 #
 # Reads (all overridable from the environment):
-#   MTP_MODE              detach | ce | rl | rl_occ                      (default: rl_occ)
+#   MTP_MODE              a regime of verl-mtp (detach, ce, rl, ...) or rl_occ (default: rl_occ)
 #   MTP_COEF              mtp_loss_scaling_factor: Megatron's MTP CE weight for detach/ce, the fixed
 #                         policy-loss coefficient (split over heads) for rl; ignored by OCC (default: 0.1)
 #   OCC_LAMBDA_PLUS       OCC's lambda_plus                               (default: 1.0, the paper's)
@@ -41,45 +41,27 @@ DATA_HOME=${DATA_HOME:-${HOME}/verl_mtp}
 
 _mtp_prefix=actor_rollout_ref.model.mtp
 
-# Every regime loads the MTP layers and trains them; what differs is where the MTP gradient may go
-# (detach: MTP layers only; ce / rl: MTP layers and the trunk) and which loss drives it.
-# enable_train / detach_encoder are written out although the MTP engine derives them from
-# mtp_loss_type, so that the printed config (DRY_RUN=config) shows what will actually run.
+# MTP_MODE is one of verl-mtp's regimes (actor_rollout_ref.model.mtp.mtp_loss_type; the trainer, and DRY_RUN=1's
+# --check, refuse a name its registry does not hold, naming the registered ones), or rl_occ: the rl regime with
+# OCC setting the coefficient. Every regime loads the MTP layers and trains them; what differs is where the MTP
+# gradient may go and which loss drives it. verl's detach_encoder is the regime's (the MTP engine sets it from
+# mtp_loss_type; the config DRY_RUN=config prints shows verl's default there).
 case "${MTP_MODE}" in
-    detach)
-        _mtp_type=detach
-        _detach_encoder=True
-        _occ_enable=False
-        MTP_TAG="detach-${MTP_COEF}"
-        ;;
-    ce)
-        _mtp_type=ce
-        _detach_encoder=False
-        _occ_enable=False
-        MTP_TAG="ce-${MTP_COEF}"
-        ;;
-    rl)
-        _mtp_type=rl
-        _detach_encoder=False
-        _occ_enable=False
-        MTP_TAG="rl-${MTP_COEF}"
-        ;;
     rl_occ)
         _mtp_type=rl
-        _detach_encoder=False
         _occ_enable=True
         MTP_TAG="rl-occ-${OCC_LAMBDA_PLUS}"
         ;;
     *)
-        echo "MTP_MODE=${MTP_MODE} is unknown; choose one of: detach, ce, rl, rl_occ" >&2
-        exit 2
+        _mtp_type=${MTP_MODE}
+        _occ_enable=False
+        MTP_TAG="${MTP_MODE}-${MTP_COEF}"
         ;;
 esac
 
 MTP_ARGS=(
     "${_mtp_prefix}.enable=True"
     "${_mtp_prefix}.enable_train=True"
-    "${_mtp_prefix}.detach_encoder=${_detach_encoder}"
     "${_mtp_prefix}.mtp_loss_type=${_mtp_type}"
     "${_mtp_prefix}.mtp_loss_scaling_factor=${MTP_COEF}"
     "${_mtp_prefix}.occ.enable=${_occ_enable}"

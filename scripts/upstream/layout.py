@@ -86,9 +86,10 @@ def _verl_path(rel: Path, verl_root: Path) -> Path:
 
 
 def product_modules(repo: Path) -> list[Path]:
-    """The product's modules that move upstream, relative to the repository."""
+    """The product's modules, and the data files they read (``*.yaml``), that move upstream, relative to the
+    repository."""
     out = []
-    for path in sorted((repo / PRODUCT).rglob("*.py")):
+    for path in sorted([*(repo / PRODUCT).rglob("*.py"), *(repo / PRODUCT).rglob("*.yaml")]):
         rel = path.relative_to(repo)
         inner = rel.relative_to(PRODUCT).as_posix()
         if rel == Path(PRODUCT, "__init__.py") or inner.startswith(NOT_UPSTREAM):

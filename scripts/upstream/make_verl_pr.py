@@ -158,12 +158,12 @@ def isolated_env(tree: Path, deps: Path) -> dict[str, str]:
 
 
 PROOF = """
-import sys, verl
+import inspect, sys, verl
 from verl.workers.engine.base import EngineRegistry
 cls = EngineRegistry.get_engine_cls("language_model", "megatron")
 assert verl.__file__.startswith(sys.argv[1]), verl.__file__
 assert cls.__module__ == "verl.workers.engine.megatron.transformer_impl", cls
-assert cls.__qualname__ == "MegatronEngineWithLMHead" and hasattr(cls, "mtp_rl"), cls
+assert cls.__qualname__ == "MegatronEngineWithLMHead" and "mtp_engine_hooks" in inspect.getsource(cls), cls
 from verl.workers.config import MtpConfig
 assert MtpConfig(enable=True, mtp_loss_type="rl").is_rl
 assert not any(m.split(".")[0] in ("verl_mtp", "verl_cpu") for m in sys.modules), "local package imported"

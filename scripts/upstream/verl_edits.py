@@ -314,9 +314,18 @@ def regenerate_reference_configs(tree: Path, run_python) -> list[str]:
     return regenerated
 
 
+def add_package_data(tree: Path, layout) -> None:
+    """verl's wheel carries the data files the moved modules read (``package_data`` of verl's ``setup.py``)."""
+    placed = [Path(dest) for dest in layout.files.values() if dest.startswith("verl/") and not dest.endswith(".py")]
+    patterns = sorted({f"{dest.parent.relative_to('verl').as_posix()}/*{dest.suffix}" for dest in placed})
+    anchor = '            "trainer/config/*.yaml",\n'
+    replace_once(tree / "setup.py", anchor, anchor + "".join(f'            "{pattern}",\n' for pattern in patterns))
+
+
 def apply_all(tree: Path, repo: Path, layout) -> dict[str, bool]:
     """Every integration edit; returns which verl files were pre-existing (for the diff report)."""
     add_engine_hooks(tree, repo, layout.rewrite)
+    add_package_data(tree, layout)
     add_mtp_config_fields(tree, repo, layout.rewrite)
     drop_config_class_from_moved_module(tree, layout.modules["verl_mtp.workers.config.mtp"])
     export_mtp_config(tree)

@@ -21,6 +21,8 @@ import pytest
 from safetensors.torch import load_file
 from support.main_job import SAME_ROLLOUTS, changed, checkpoint_hf, finite, initial_hf, is_mtp, run_launcher
 
+pytestmark = pytest.mark.slow  # verl's trainer end to end: the slow tier (README, "Tested versions")
+
 # occ.uninformative_drl=0.01 marks the first mini-batch of a step (no update yet) as signal-free, so with
 # carry_last_lambda its lambda comes from the OCC state, which a resume must restore on every rank.
 _OCC = ["--mode", "rl_occ", "--algo", "dapo", "--carry-last-lambda", "--dump-rollout-weights", *SAME_ROLLOUTS]

@@ -19,6 +19,8 @@ import json
 import pytest
 from support.main_job import SAME_ROLLOUTS, changed, checkpoint_hf, finite, initial_hf, is_mtp, run_launcher
 
+pytestmark = pytest.mark.slow  # verl's trainer end to end: the slow tier (README, "Tested versions")
+
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):

@@ -9,7 +9,11 @@ import json
 import math
 import os
 
+import pytest
+
 from verl_mtp_example import study
+
+pytestmark = pytest.mark.slow  # verl's trainer end to end: the slow tier (README, "Tested versions")
 
 
 def test_reduced_study_runs_reports_and_resumes(tmp_path, prep_dir, capfd):

@@ -77,7 +77,7 @@ REFUSED = {
                                    "--mode (MODE) rl_occ sets actor_rollout_ref.model.mtp.occ.enable=True"),
     "override-algo-key": (["--algo", "dapo", "--", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"],
                           "--algo (ALGO) dapo sets actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"),
-    "override-mode-group": (["--", "tiny_mimo_example/mode=ce"], "choose it with --mode (MODE) instead"),
+    "override-algo-group": (["--", "tiny_mimo_example/algo=gspo"], "choose it with --algo (ALGO) instead"),
     "override-launcher-key": (["--", "trainer.total_training_steps=5"], "use --steps instead"),
     "tp-zero": (["--tp", "0"], "--tp must be >= 1"),
     "dp-zero": (["--dp", "0"], "--dp must be >= 1"),
@@ -178,7 +178,7 @@ def _trainer_config(*argv):
 def test_every_mode_composes_into_a_valid_mtp_config(mode):
     from verl.utils.config import omega_conf_to_dataclass
 
-    config = _trainer_config("--mode", mode, "--algo", ALGOS[MODES.index(mode) % 2])
+    config = _trainer_config("--mode", mode, "--algo", ALGOS[list(MODES).index(mode) % 2])
     mtp = omega_conf_to_dataclass(config.actor_rollout_ref.model.mtp)  # the product's own checks run here
     expected = {"detach": ("detach", False), "ce": ("ce", False), "rl": ("rl", False), "rl_occ": ("rl", True),
                 "frozen": (None, False)}[mode]

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from verl_mtp_example import study, study_report
+from verl_mtp_example import study, study_figures, study_report
 from verl_mtp_example.metrics_view import EXACT, REWARD, STEP_TIME
 
 
@@ -103,7 +103,9 @@ def test_report_table_and_correlations_match_a_hand_computation(tmp_path):
         early = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (2, 4)]  # steps before the middle (5)
         late = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (6, 8)]
         assert decomposition[name] == pytest.approx((np.mean(early), np.mean(late)))
-    for png in report["figures"]:
+    figures = study_figures.draw_all(str(tmp_path), report["runs"], report["pairs"], lam)
+    assert len(figures) == 3
+    for png in figures:
         assert os.path.getsize(png) > 10_000, png
 
 

@@ -238,10 +238,11 @@ CPU_OVERRIDES = dict(
 
 @pytest.fixture
 def cpu_mimo_bridge_registered():
-    """The project's CPU (local-spec) bridges, ``mimo`` included, in mbridge's registry."""
-    from verl_cpu.bridges import register_cpu_bridges
+    """The project's CPU (local-spec) bridges, ``mimo`` included, in mbridge's registry for the test."""
+    from verl_cpu.patches import MBRIDGE_BRIDGES, applied
 
-    register_cpu_bridges()
+    with applied([MBRIDGE_BRIDGES]):
+        yield
 
 
 def _cpu_mimo_bridge(hf_config, **overrides):

@@ -28,9 +28,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from verl_mtp.workers.config.mtp import MTP_REGIME_REGISTRY
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO / "recipe" / "mtp_rl"
-MODES = ("detach", "ce", "rl", "rl_occ")
+MODES = (*MTP_REGIME_REGISTRY, "rl_occ")  # every regime of the product, and the recipes' OCC convenience
 DRY_RUN_TIMEOUT_S = 300
 ENTRY = ["-m", "verl_mtp.trainer.main_ppo", "--check"]
 # One real DRY_RUN=1 (--check) per script, each in a different mode, and one real DRY_RUN=config (printed YAML).
@@ -86,7 +88,7 @@ EXPECTED = {
 }
 SCRIPTS = tuple(EXPECTED)
 
-# MTP_MODE -> (mtp_loss_type, detach_encoder, occ.enable)
+# MTP_MODE -> (mtp_loss_type, detach_encoder as the engine runs it, occ.enable)
 MODE_TABLE = {
     "detach": ("detach", True, False),
     "ce": ("ce", False, False),
@@ -267,13 +269,27 @@ def test_common_is_valid_bash_and_holds_the_one_trainer_command():
     assert len(re.findall(r"python3 -m verl_mtp\.trainer\.main_ppo", text)) == 1
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_unknown_mode_fails_before_python(script, home):
-    proc = _run(script, home, MTP_MODE="policy")
-    assert proc.returncode == 2
-    assert "MTP_MODE=policy is unknown" in proc.stderr
-    assert "verl_mtp.trainer.main_ppo" not in proc.stderr  # stopped before the launch line
-    assert proc.stdout == ""
+def test_the_modes_are_the_products_regimes_and_rl_occ():
+    """The recipes keep no list of regimes: MTP_MODE passes a regime's name on, and only rl_occ has a case."""
+    assert set(MODE_TABLE) == set(MODES)
+    text = (RECIPE_DIR / "common.sh").read_text()
+    block = text[text.index('case "${MTP_MODE}" in'):]
+    block = block[: block.index("esac")]
+    arms = [line.strip() for line in block.splitlines()[1:] if line.strip().endswith(")")]
+    assert arms == ["rl_occ)", "*)"]
+
+
+def test_unknown_mode_is_refused_by_the_product_with_the_regimes(launch_lines):
+    """An MTP_MODE the product does not know reaches mtp_loss_type, and the MTP config refuses it naming every
+    registered regime."""
+    from hydra.errors import InstantiationException
+    from verl.utils.config import omega_conf_to_dataclass
+
+    overrides = [o.replace("mtp_loss_type=detach", "mtp_loss_type=policy") for o in launch_lines["custom"]]
+    assert overrides != launch_lines["custom"]
+    with pytest.raises(InstantiationException, match="mtp_loss_type='policy' is unknown") as refused:
+        omega_conf_to_dataclass(_compose(overrides).actor_rollout_ref.model.mtp)
+    assert all(name in str(refused.value) for name in MTP_REGIME_REGISTRY)
 
 
 # ----------------------------------------------------------------------------------------- printed configs
@@ -339,12 +355,14 @@ def test_unknown_dry_run_value_fails_before_python(script, home):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_mtp_mode(dry_runs, script, mode):
+    from verl.utils.config import omega_conf_to_dataclass
+
     cfg = dry_runs[(script, mode)]
     mtp = cfg.actor_rollout_ref.model.mtp
     loss_type, detach_encoder, occ_enable = MODE_TABLE[mode]
     assert mtp.enable is True and mtp.enable_train is True
     assert mtp.mtp_loss_type == loss_type
-    assert mtp.detach_encoder is detach_encoder
+    assert omega_conf_to_dataclass(mtp).with_regime_switches().detach_encoder is detach_encoder
     assert mtp.occ.enable is occ_enable
     assert mtp.occ.lambda_plus == pytest.approx(1.0)
     assert mtp.mtp_loss_scaling_factor == pytest.approx(0.1)  # MTP_COEF default
@@ -464,7 +482,7 @@ def test_passes_verl_validate_config(dry_runs, script):
 def test_environment_and_extra_overrides_reach_the_config(dry_runs):
     cfg = dry_runs["custom"]
     mtp = cfg.actor_rollout_ref.model.mtp
-    assert (mtp.mtp_loss_type, mtp.detach_encoder, mtp.mtp_loss_scaling_factor) == ("detach", True, 0.2)
+    assert (mtp.mtp_loss_type, mtp.mtp_loss_scaling_factor) == ("detach", 0.2)
     assert mtp.enable_rollout is True and mtp.method == "mtp" and mtp.num_speculative_tokens == 2
     assert cfg.actor_rollout_ref.actor.megatron.context_parallel_size == 1
     assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (4, 8)

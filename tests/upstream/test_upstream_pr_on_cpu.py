@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts/upstream/make_verl_pr.py"
 # The integration edits of verl's pre-existing code: two exports, the MTP-RL fields of ``MtpConfig`` (with their
@@ -69,6 +71,7 @@ def test_upstream_patch_is_generated_with_a_small_edit_of_verl_files(tmp_path):
     assert (tmp_path / "verl-mtp-rl.patch").stat().st_size > 0
 
 
+@pytest.mark.slow  # the fast tier's model, worker and trainer tests once more, in verl's tree
 def test_upstream_tree_passes_verl_and_moved_tests(tmp_path):
     """Long (it runs every moved MTP-RL test once, inside the patched verl tree)."""
     proc = _generate(tmp_path)

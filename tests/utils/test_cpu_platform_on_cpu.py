@@ -9,9 +9,11 @@ import torch
 def test_platform_registered_and_answers_cpu():
     from verl.plugin.platform import PlatformRegistry
 
+    from verl_cpu.patches import VERL_PLATFORM, applied
     from verl_cpu.platform import PlatformCPU
 
-    assert PlatformRegistry.get("cpu") is PlatformCPU
+    with applied([VERL_PLATFORM]):
+        assert PlatformRegistry.get("cpu") is PlatformCPU
     p = PlatformCPU()
     assert p.device_name == "cpu"
     assert p.communication_backend_name() == "gloo"

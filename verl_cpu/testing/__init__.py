@@ -11,7 +11,7 @@ shaped as verl's engine hands them to ``ppo_loss`` (:mod:`.actor_batch`)::
     causal_attention_mask(batch, seq)            # bool [batch, 1, seq, seq], True = masked out
     forward_bshd(model, input_ids, labels=None, loss_mask=None)
     prepare_mtp_loss_tracker(k)                  # before calling model(...) yourself with labels in training
-    run_cpu_ranks(fn, world_size, *args)         # fn(RankInfo, *args) in n spawned processes, results back
+    run_cpu_ranks(fn, world_size, *args)         # fn(RankInfo, *args) on n pooled spawned processes, results back
     make_actor_batch(prompt_lens, response_lens) # verl's no-padding actor micro-batch; nested_like(data, v)
     HostSyncCounter()                            # counts host synchronisations as a GPU pays them (with ...:)
 """

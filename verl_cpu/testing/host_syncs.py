@@ -32,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from verl_cpu.patches import tensor_host_reads
+
 __all__ = ["HostSync", "HostSyncCounter"]
 
 _aten = torch.ops.aten
@@ -45,7 +47,6 @@ _FACTORIES = {
     torch.tensor, torch.as_tensor, torch.from_numpy, torch.arange, torch.zeros, torch.ones, torch.empty,
     torch.full, torch.rand, torch.randn, torch.randint, torch.linspace,
 }
-_HOST_READS = ("tolist", "numpy", "cpu", "__array__")  # patched on torch.Tensor: torch's own Python code calls them too
 _MOVES = {torch.Tensor.to, torch.Tensor.cuda}
 _PROJECT_PACKAGES = ("verl_mtp", "verl_cpu", "verl_mtp_example", "benchmarks", "tests", "scripts")
 _MODE_HANDLERS = ("__torch_function__", "__torch_dispatch__")  # other modes' frames (the CPU platform's)
@@ -142,9 +143,9 @@ class HostSyncCounter:
 
     def __enter__(self) -> HostSyncCounter:
         if self.emulate:
-            self._originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-            for name, original in self._originals.items():
-                setattr(torch.Tensor, name, self._reading(name.strip("_").replace("array", "numpy"), original))
+            self._host_reads = tensor_host_reads(
+                lambda name, original: self._reading(name.strip("_").replace("array", "numpy"), original))
+            self._host_reads.apply()
         for mode in self._modes:
             mode.__enter__()
         return self
@@ -152,9 +153,8 @@ class HostSyncCounter:
     def __exit__(self, *exc) -> None:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
-        for name, original in getattr(self, "_originals", {}).items():
-            setattr(torch.Tensor, name, original)
-        self._originals = {}
+        if self.emulate:
+            self._host_reads.undo()
 
     @property
     def total(self) -> int:

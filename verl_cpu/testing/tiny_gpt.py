@@ -3,8 +3,9 @@
 Mocks would not catch a change in Megatron's own ``GPTModel`` / ``MultiTokenPredictionBlock`` (their
 ``_postprocess``, ``roll_tensor``, ``MTPLossAutoScaler`` ...), so tests build the real modules, only very small,
 and run them on CPU. The CPU mechanism is the platform's own (:mod:`verl_cpu.cuda`, what the trainer's CPU
-plugin installs): ``init_cpu_megatron`` installs its ``torch.cuda`` shim and CPU RNG tracker, so Megatron's
-global memory buffer, tensor-parallel collective buffers and MTP loss tracker land on the CPU, and the model
+plugin installs): ``init_cpu_megatron`` applies :data:`verl_cpu.patches.CUDA_ON_CPU` (the ``torch.cuda``
+calls and the RNG tracker), so Megatron's global memory buffer, tensor-parallel collective buffers and MTP loss
+tracker land on the CPU, and the model
 constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-parallel embedding tie calls
 ``weight.data.cuda()``). What is left here is test-specific:
 
@@ -18,7 +19,8 @@ constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-para
   a model with another head count in the same process needs it resized;
 * ``sequence_parallel=True``: Megatron's CPU fallback norm (``WrappedTorchNorm``, the local spec without Apex)
   rejects sequence parallelism only because it does not tag its parameters; the builder tags them like the
-  fused norms do (their grads are partial per TP rank, all-reduced by ``finalize_model_grads``).
+  fused norms do (their grads are partial per TP rank, all-reduced by ``finalize_model_grads``), under
+  :data:`verl_cpu.patches.SEQUENCE_PARALLEL_TORCH_NORM` for the build.
 
 Not supported here: RoPE (``RotaryEmbedding.forward`` needs a CUDA ``inv_freq``; positions are learned
 absolute), context parallel with the default local attention (it has no CP: use ``packed_attention=True``),
@@ -39,13 +41,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from verl_cpu.attention import CPUCoreAttention
-from verl_cpu.cuda import cpu_placements, install_cuda_shim
+from verl_cpu.cuda import cpu_placements
+from verl_cpu.patches import CUDA_ON_CPU, MEGATRON_RNG_TRACKER, SEQUENCE_PARALLEL_TORCH_NORM, applied
 
 # Whether init_cpu_megatron created the default process group (then destroy_cpu_megatron may tear it down).
 _OWNS_PROCESS_GROUP = False
@@ -142,7 +143,8 @@ def init_cpu_megatron(
         raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp (tp={tp}, pp={pp}, cp={cp})")
     _init_process_group(rank, world_size, init_method, timeout_s)
     _init_model_parallel(tp, pp, cp, world_size)
-    install_cuda_shim()
+    for patch in CUDA_ON_CPU:
+        patch.apply()
     if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
@@ -150,14 +152,14 @@ def init_cpu_megatron(
 def destroy_cpu_megatron() -> None:
     """Undo ``init_cpu_megatron`` and reset megatron's process-global MTP state, for test isolation.
 
-    The default process group is destroyed only if ``init_cpu_megatron`` created it; the ``torch.cuda`` shim
-    stays (it is process-wide, like in the trainer).
+    The default process group is destroyed only if ``init_cpu_megatron`` created it; Megatron's RNG tracker is
+    Megatron's own again (unset); the ``torch.cuda`` calls keep their CPU meaning (process-wide, as in the
+    trainer; :data:`verl_cpu.patches.TORCH_CUDA` undoes it).
     """
     global _OWNS_PROCESS_GROUP
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    mcore_random._CUDA_RNG_STATE_TRACKER = None
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    MEGATRON_RNG_TRACKER.undo()
     MTPLossLoggingHelper.tracker.clear()
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
@@ -165,25 +167,20 @@ def destroy_cpu_megatron() -> None:
     _OWNS_PROCESS_GROUP = False
 
 
-@contextlib.contextmanager
-def _sequence_parallel_torch_norms() -> Iterator[None]:
-    """``WrappedTorchNorm`` accepts ``sequence_parallel`` and tags its parameters like the fused norms do."""
-    saved = WrappedTorchNorm.__dict__["__new__"]
-    original_new = saved.__func__ if isinstance(saved, staticmethod) else saved
+def tag_sequence_parallel_norms(original_new):
+    """``WrappedTorchNorm.__new__`` accepting ``sequence_parallel`` and tagging its parameters like the fused
+    norms do (:data:`verl_cpu.patches.SEQUENCE_PARALLEL_TORCH_NORM`)."""
+    plain_new = original_new.__func__ if isinstance(original_new, staticmethod) else original_new
 
     def __new__(cls, config, hidden_size, *args, **kwargs):
         plain = copy.copy(config)
         plain.sequence_parallel = False
-        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        norm = plain_new(cls, plain, hidden_size, *args, **kwargs)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
 
-    WrappedTorchNorm.__new__ = __new__
-    try:
-        yield
-    finally:
-        WrappedTorchNorm.__new__ = saved
+    return __new__
 
 
 def _current_parallel_sizes() -> tuple[int, int, int]:
@@ -273,7 +270,7 @@ def build_tiny_gpt(
         stack.enter_context(torch.random.fork_rng(devices=[]))
         stack.enter_context(cpu_placements())
         if sequence_parallel:
-            stack.enter_context(_sequence_parallel_torch_norms())
+            stack.enter_context(applied([SEQUENCE_PARALLEL_TORCH_NORM]))
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         model = GPTModel(

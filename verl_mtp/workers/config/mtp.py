@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Optional
 
+import yaml
 from verl.base_config import BaseConfig
 from verl.workers.config import MtpConfig
 
@@ -82,9 +84,18 @@ def get_mtp_regime(name: str) -> MtpRegime:
     return MTP_REGIME_REGISTRY[name]
 
 
-register_mtp_regime(MtpRegime("detach", detach_encoder=True, policy_loss=False))
-register_mtp_regime(MtpRegime("ce", detach_encoder=False, policy_loss=False))
-register_mtp_regime(MtpRegime("rl", detach_encoder=False, policy_loss=True))
+REGIMES_FILE = "mtp_regimes.yaml"
+
+
+def _register_listed_regimes() -> None:
+    """Register verl-mtp's own regimes, listed as data in ``mtp_regimes.yaml`` next to this module: the one list,
+    which tools that must not import verl to read it (the local example's launcher) read too."""
+    listed = yaml.safe_load(files(__package__).joinpath(REGIMES_FILE).read_text())
+    for name, fields in listed.items():
+        register_mtp_regime(MtpRegime(name, **fields))
+
+
+_register_listed_regimes()
 
 
 @dataclass

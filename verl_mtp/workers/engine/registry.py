@@ -1,9 +1,10 @@
-"""The one place that writes into verl's ``EngineRegistry``.
+"""The one place where verl-mtp writes into verl's ``EngineRegistry``: its engine takes verl's slots.
 
 verl registers its engines with a decorator at import (``EngineRegistry.register``), keyed by model type,
 backend and device (or ``(device, vendor)``). An extension that specialises one of them must take over every
 slot the original holds, on every device, or a worker on another device key would silently build the
-original. Shared by this product's engine and the CPU platform's engine variants.
+original. (The CPU platform writes nothing here: its lookup builds the CPU variant of whichever engine holds
+the ``cuda`` slot, see ``verl_cpu.engine``.)
 """
 
 from __future__ import annotations

@@ -76,7 +76,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "apply_regime_switches",
     "init_mtp_state",
-    "is_mtp_rl",
     "check_mtp_rl_layout",
     "install_mtp_rl",
     "adapt_bridge",

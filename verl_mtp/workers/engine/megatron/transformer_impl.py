@@ -22,10 +22,6 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         super().__init__(model_config, *args, **kwargs)
         mtp_engine_hooks.init_mtp_state(self)
 
-    @property
-    def mtp_rl(self) -> bool:
-        return mtp_engine_hooks.is_mtp_rl(self)
-
     def initialize(self):
         mtp_engine_hooks.check_mtp_rl_layout(self)
         super().initialize()
