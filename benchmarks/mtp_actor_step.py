@@ -1,7 +1,9 @@
 """Actor-update cost of each MTP regime against ``detach``, measured in one run.
 
 One actor micro-batch step = model forward with the regime's MTP patch (verl's for ``detach``/``ce``, ours for
-``rl``), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
+``rl``), the main head scored as the engine's logits processor scores it (verl's processor on the fp32 logits
+Megatron's ``Float16Module`` hands it; for a ``*_fused`` regime, verl's ``use_fused_kernels=True``, the chunked
+function on the captured hidden states), verl's ``ppo_loss`` (plus the MTP policy term for ``rl``), backward. All regimes live in one process,
 each on its own copy of the same model, and their steps are interleaved round by round (each round starting
 with another regime), so a drift of the machine's speed hits every regime alike. A regime's time is read as
 its ratio over ``detach`` within each round: printed are the median ratio, its interquartile range and a
@@ -42,12 +44,18 @@ import statistics
 import time
 import weakref
 from functools import partial
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-REGIMES = ("detach", "ce", "rl", "rl_occ", "rl_materialised", "rl_occ_gradient")
+FUSED = "_fused"  # suffix: the regime with verl's use_fused_kernels=True (the main head scored in chunks)
+REGIMES = (
+    "detach", "ce", "rl", "rl_occ", "rl_materialised", "rl_occ_gradient",
+    *(f"{regime}{FUSED}" for regime in ("detach", "ce", "rl", "rl_occ")),
+)
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -103,11 +111,28 @@ def base_ppo_loss():
     return partial(ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor))
 
 
-def patch_regime(model, regime: str, chunk: int, base_loss):
-    """Install ``regime``'s MTP patch on ``model`` (verl's for detach/ce, ours for rl).
+class RegimeHooks(NamedTuple):
+    """What a regime installed on the model that the step reads after the forward."""
 
-    Returns the regime's RL postprocess (``None`` for detach / ce) and its loss.
+    rl_postprocess: object  # the rl postprocess (None for detach / ce)
+    main_head: object  # the main-head capture of a ``*_fused`` regime (None: verl's logits)
+
+
+def patch_regime(model, regime: str, chunk: int, base_loss):
+    """Install ``regime``'s MTP patch on ``model`` (verl's for detach/ce, ours for rl), as the engine does at
+    start-up, and for ``*_fused`` the main-head capture of ``use_fused_kernels=True``.
+
+    Returns the :class:`RegimeHooks` and the regime's loss.
     """
+    from verl_mtp.models.mcore.main_head_scoring import MainHeadCapture
+
+    fused = regime.endswith(FUSED)
+    rl_postprocess, loss = _patch_mtp(model, regime.removesuffix(FUSED), chunk, base_loss)
+    return RegimeHooks(rl_postprocess, MainHeadCapture(chunk).patch(model) if fused else None), loss
+
+
+def _patch_mtp(model, regime: str, chunk: int, base_loss):
+    """The regime's MTP patches; returns its RL postprocess (``None`` for detach / ce) and its loss."""
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl_mtp.models.mcore.mcore_compat import keep_mtp_ce_off_lm_head
     from verl_mtp.models.mcore.mtp_patch import patch_postprocess_rl
@@ -223,8 +248,27 @@ def build_regimes(args):
     return regimes
 
 
-def make_step(args, model, hook, loss_fn, data):
-    """One actor micro-batch step of a regime; ``hook`` is its RL postprocess (``None`` for detach / ce)."""
+def main_head_scores(logits, labels, temperature, main_head) -> dict:
+    """The main head as the engine's logits processor scores it: verl's processor on the (fp32) logits, or with
+    a main-head capture (``use_fused_kernels``) the chunked function on the captured hidden states."""
+    from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+    from verl_mtp.workers.engine.megatron import mtp_engine_hooks
+
+    flags = dict(
+        calculate_sum_pi_squared=False, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
+        logits_processor_func=None,
+    )
+    if main_head is not None:
+        engine = SimpleNamespace(main_head_capture={"model": main_head})
+        return mtp_engine_hooks.fused_main_head_scores(engine, labels, temperature, **flags)
+    verl_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False))
+    return MegatronEngineWithLMHead._lm_head_logits_processor(
+        verl_engine, logits, labels, temperature, batch=None, data_format="bshd", **flags
+    )
+
+
+def make_step(args, model, hooks: RegimeHooks, loss_fn, data):
+    """One actor micro-batch step of a regime, with what it installed (``hooks``)."""
     from verl_cpu.testing import causal_attention_mask, prepare_mtp_loss_tracker
     from verl_mtp.models.mcore.mtp_alignment import align_mtp_outputs
     from verl_mtp.models.mcore.mtp_head_labels import bshd_sequence_ids, head_targets
@@ -238,14 +282,17 @@ def make_step(args, model, hook, loss_fn, data):
 
     def run_pass(loss_fn):
         prepare_mtp_loss_tracker(args.heads, device=ids.device)
-        logits = model(ids, pos, mask, labels=labels)
-        # verl's main head: full logits, log-softmax, gather (fused kernels are off whenever MTP is on)
-        log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+        # fp32 logits, as Megatron's Float16Module hands them to verl (the model's own output is freed); under
+        # use_fused_kernels an empty stand-in
+        logits = model(ids, pos, mask, labels=labels).float()
+        temperature = torch.ones_like(labels, dtype=torch.float32)
+        log_probs = main_head_scores(logits, labels, temperature, hooks.main_head)["log_probs"]
+        del logits
         output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs[0], offsets=offsets)}
-        mtp_out = hook.pop_output() if hook is not None else None
+        mtp_out = hooks.rl_postprocess.pop_output() if hooks.rl_postprocess is not None else None
         if mtp_out is not None:
             targets = head_targets(data["input_ids"], bshd_sequence_ids(1, args.seq, ids.device), pos, args.heads)
-            scored = score_mtp_heads(mtp_out, targets, torch.ones_like(labels, dtype=torch.float32))
+            scored = score_mtp_heads(mtp_out, targets, temperature)
             output.update(align_mtp_outputs(
                 {k: torch.nested.nested_tensor_from_jagged(v[0], offsets=offsets) for k, v in scored.items()}
             ))

@@ -1,6 +1,7 @@
 """Exact cost of one actor micro-batch step per MTP regime at real model shapes, without the real weights.
 
-The step is the one ``benchmarks/mtp_actor_step.py`` times (model forward with the regime's MTP patch, verl's
+The step is the one ``benchmarks/mtp_actor_step.py`` times (model forward with the regime's MTP patch, the main
+head through verl's logits processor or, ``*_fused``, the chunked scoring of ``use_fused_kernels``, verl's
 ``ppo_loss`` plus the MTP policy term for ``rl``, backward), run on a real Megatron-Core ``GPTModel`` built at
 full size under torch's ``FakeTensorMode``: every operator runs on shapes only, so a 106B-parameter MoE fits
 on a laptop. Counted per step, operator by operator:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +108,9 @@ class StepCost(PeakTensorMemory):
 
     ``phase`` (set by :meth:`in_phase`) attributes FLOPs to a named part of the step as well; in the
     ``chunked_backward`` phase a product whose output is a logits chunk ``[rows, vocab]`` counts as
-    ``chunked_recompute`` (the others there are the head's input / weight gradients).
+    ``chunked_recompute`` (the others there are the head's input / weight gradients). ``peak_vocab`` is the
+    part of the peak held by tensors with a ``vocab``-sized dimension (logits, softmaxes, their gradients, kept
+    exponentials, the output layer's weight gradient): the rest is what the step needs whatever the heads do.
     """
 
     def __init__(self, fake_mode: FakeTensorMode, vocab: int | None = None):
@@ -119,6 +123,23 @@ class StepCost(PeakTensorMemory):
         self.phase_flops: dict[str, int] = {}
         self._phase = None
         self._real = WeakIdKeyDictionary()  # fake tensor -> its real value
+        self.live_vocab = 0
+        self.peak_vocab = 0
+
+    def _track(self, t):
+        """The peak's vocabulary-sized part too (see the class docstring)."""
+        if not isinstance(t, torch.Tensor) or t.is_nested or t.untyped_storage()._cdata in self._seen:
+            return
+        super()._track(t)
+        if self.vocab is not None and self.vocab in t.shape:
+            size = t.untyped_storage().nbytes()
+            self.live_vocab += size
+            weakref.finalize(t.untyped_storage(), self._release_vocab, size)
+        if self.live == self.peak:
+            self.peak_vocab = self.live_vocab
+
+    def _release_vocab(self, size: int) -> None:
+        self.live_vocab -= size
 
     @contextlib.contextmanager
     def in_phase(self, name: str):
@@ -347,13 +368,13 @@ def count_regimes(shape: ModelShape, seq: int, regimes, chunk: int, dtype=torch.
             with _megatron_moe_on_fake_cpu(), fake_mode:
                 model = build_counting_gpt(shape, seq, dtype)
                 _grads_into_main_grad_buffer(model)
-                hook, loss_fn = patch_regime(model, regime, chunk, base_loss)
-                step = make_step(step_args, model, hook, loss_fn, data)
+                hooks, loss_fn = patch_regime(model, regime, chunk, base_loss)
+                step = make_step(step_args, model, hooks, loss_fn, data)
                 cost = StepCost(fake_mode, vocab=shape.vocab)
                 with _chunked_phases(cost), cost:
                     step()
                 costs[regime] = cost
-                del model, step, hook
+                del model, step, hooks
     finally:
         torch.set_default_dtype(saved_dtype)
     return costs
@@ -363,7 +384,7 @@ def report(name: str, shape: ModelShape, seq: int, chunk: int, costs: dict[str, 
     base = costs["detach"]
     print(f"{name} seq={seq} ({shape.source}): detach step {base.flops / 1e12:.1f} TFLOP "
           f"(attention {100 * base.attention_flops / base.flops:.1f}%), {base.bytes / 2**30:.0f} GiB moved, "
-          f"peak {base.peak / 2**30:.1f} GiB")
+          f"peak {base.peak / 2**30:.1f} GiB ({base.peak_vocab / 2**30:.1f} GiB vocabulary-sized)")
     for regime, cost in costs.items():
         if regime == "detach":
             continue
@@ -372,6 +393,7 @@ def report(name: str, shape: ModelShape, seq: int, chunk: int, costs: dict[str, 
         if regime in ("rl", "rl_occ") and chunk > 0:
             recompute = cost.phase_flops.get("chunked_recompute", 0)
             line += f" recompute_share {100 * recompute / cost.flops:.2f}%"
+        line += f" (peak {cost.peak / 2**30:.1f} GiB, {cost.peak_vocab / 2**30:.1f} GiB vocabulary-sized)"
         print(line, flush=True)
 
 

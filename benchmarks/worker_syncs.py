@@ -8,7 +8,7 @@ with two micro-batches per update, so what one micro-batch costs is the differen
 once (splitting, metric gathering, the optimizer) the rest. Printed per regime: both counts and the
 micro-batch's difference over ``detach``; ``--sites`` lists where each added synchronisation happens.
 
-    python -m benchmarks.worker_syncs                       # K = 1, 2; THD and BSHD; detach ce rl rl_occ
+    python -m benchmarks.worker_syncs                       # K = 1, 2; THD and BSHD; every regime, *_fused too
     python -m benchmarks.worker_syncs --heads 2 --formats thd --sites --json out.json
 """
 
@@ -29,6 +29,9 @@ REGIMES = {
     "rl": ["actor_rollout_ref.model.mtp.mtp_loss_type=rl"],
     "rl_occ": ["actor_rollout_ref.model.mtp.mtp_loss_type=rl", "actor_rollout_ref.model.mtp.occ.enable=True"],
 }
+# verl's use_fused_kernels=True: the main head scored in chunks (docs/mtp_rl.md, section 5)
+REGIMES.update({f"{name}_fused": [*overrides, "actor_rollout_ref.model.use_fused_kernels=True"]
+                for name, overrides in list(REGIMES.items())})
 MICRO_BATCH = 2  # samples per micro-batch
 
 
@@ -104,12 +107,12 @@ def measure(heads: list[int], formats: list[str], regimes: list[str], root: str)
 
 
 def report(rows: list[dict], sites: bool) -> None:
-    print(f"{'K':>2} {'format':6} {'regime':8} {'per micro-batch':>15} {'over detach':>11} {'per update':>10}")
+    print(f"{'K':>2} {'format':6} {'regime':12} {'per micro-batch':>15} {'over detach':>11} {'per update':>10}")
     base = {(r["heads"], r["format"]): r for r in rows if r["regime"] == "detach"}
     for r in rows:
         ref = base.get((r["heads"], r["format"]))
         added = "" if ref is None else f"{r['micro_batch'] - ref['micro_batch']:+d}"
-        print(f"{r['heads']:>2} {r['format']:6} {r['regime']:8} {r['micro_batch']:>15} {added:>11} {r['update']:>10}")
+        print(f"{r['heads']:>2} {r['format']:6} {r['regime']:12} {r['micro_batch']:>15} {added:>11} {r['update']:>10}")
         if sites and ref is not None and r["regime"] != "detach":
             diff = collections.Counter(r["sites"])
             diff.subtract(ref["sites"])

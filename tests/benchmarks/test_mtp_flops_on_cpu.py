@@ -3,7 +3,8 @@
 The counted step runs the real regime patches, verl's loss and the backward on a fake-tensor Megatron model, so
 the hand count below pins both the counter and what each regime computes: every regime's matrix products are
 those of ``detach`` (``rl`` adds no trunk work, and the chunked head keeps what its backward needs instead of
-recomputing the head's product).
+recomputing the head's product), with verl's ``use_fused_kernels`` (``*_fused``: the main head scored in chunks)
+too.
 """
 
 import pytest
@@ -31,11 +32,16 @@ def hand_count(shape: ModelShape, t: int) -> int:
 
 
 def test_every_regime_counts_exactly_the_hand_counted_products():
-    costs = count_regimes(SHAPE, SEQ, ["detach", "ce", "rl", "rl_occ", "rl_materialised"], chunk=7)
+    regimes = ["detach", "ce", "rl", "rl_occ", "rl_materialised", "detach_fused", "ce_fused", "rl_fused", "rl_occ_fused"]
+    costs = count_regimes(SHAPE, SEQ, regimes, chunk=7)
     want = hand_count(SHAPE, SEQ)
     assert {name: cost.flops for name, cost in costs.items()} == dict.fromkeys(costs, want)
     assert costs["rl"].phase_flops.get("chunked_recompute", 0) == 0
     assert costs["rl"].phase_flops["chunked_forward"] == 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    # use_fused_kernels: the main head's products move into the chunked function, none is added
+    assert costs["detach_fused"].phase_flops["chunked_forward"] == 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    assert costs["rl_fused"].phase_flops["chunked_forward"] == 2 * 2 * SEQ * SHAPE.hidden * SHAPE.vocab
+    assert costs["rl_fused"].phase_flops.get("chunked_recompute", 0) == 0
 
 
 def test_bytes_and_peak_of_a_known_sequence_of_operators():
@@ -66,3 +72,15 @@ def test_a_parameter_gradient_leaves_the_live_tensors_once_megatron_ddp_would_ta
     assert 40000 <= cost.peak < 80000
     assert (layer.weight.grad is None) == megatron_ddp
     assert cost.live == (0 if megatron_ddp else 40000)
+
+
+def test_the_peaks_vocabulary_sized_part_is_what_was_live_at_the_peak():
+    cost = StepCost(fake_mode=None, vocab=10)
+    with cost:
+        logits = torch.ones(5, 10)  # vocabulary-sized: 200 bytes
+        other = torch.ones(100)  # live 600: the peak so far, 200 of it vocabulary-sized
+        assert (cost.peak, cost.peak_vocab) == (600, 200)
+        del logits
+        more = torch.ones(60)  # live 640: a new peak without any vocabulary-sized tensor
+        del other, more
+    assert (cost.peak, cost.peak_vocab, cost.live_vocab) == (640, 0, 0)

@@ -130,6 +130,10 @@ BAD = {
                                  "shorten the lengths"),
     "no-bridge": ([f"{MEGATRON}.use_mbridge=False"], "use_mbridge=False", "set use_mbridge=True"),
     "unknown-key": ([f"{MTP}.occ.lambda_plsu=2"], "lambda_plsu", "not in struct"),
+    "fused-main-head-without-chunks": (
+        ["actor_rollout_ref.model.use_fused_kernels=True", f"{MTP}.logprob_chunk_size=0"], "logprob_chunk_size",
+        "use_fused_kernels=False",
+    ),
 }
 
 

@@ -78,3 +78,30 @@ def test_rl_mtp_term_through_verls_real_engine_and_ppo_loss(tiny_mimo_dir, remov
         assert lambdas == [pytest.approx(0.1 / 2)] * 2  # fixed mtp_loss_scaling_factor / K
     norms = [float(x) for x in re.findall(r"grad_norm: \[([0-9.eE+-]+)\]", out)]
     assert len(norms) == 2 and all(n > 0 for n in norms)
+
+
+@pytest.mark.parametrize(
+    "remove_padding, regime", [(True, "rl"), (False, "detach")], ids=["thd-rl_occ", "bshd-detach"]
+)
+def test_use_fused_kernels_with_mtp_through_verls_real_worker(tiny_mimo_dir, remove_padding, regime):
+    """verl's own ``use_fused_kernels=True`` on a 2-head MiMo: the engine scores the main head in chunks (its
+    start-up line says so) instead of turning the fused kernels off, and the actor trains, entropy included."""
+    proc, out = run_engine_smoke(
+        tiny_mimo_dir,
+        f"actor_rollout_ref.model.use_remove_padding={remove_padding}",
+        "actor_rollout_ref.model.use_fused_kernels=True",
+        "actor_rollout_ref.model.mtp.enable=True",
+        f"actor_rollout_ref.model.mtp.mtp_loss_type={regime}",
+        f"actor_rollout_ref.model.mtp.occ.enable={regime == 'rl'}",
+        "actor_rollout_ref.model.mtp.logprob_chunk_size=8",
+        "actor_rollout_ref.actor.entropy_coeff=0.01",
+        "actor_rollout_ref.model.external_lib=verl_mtp_example",
+        "actor_rollout_ref.model.trust_remote_code=True",
+    )
+    assert proc.returncode == 0, out[-4000:]
+    assert f"use_fused_kernels=True with mtp_loss_type={regime}" in out and "chunks of 8 tokens" in out, out[-3000:]
+    assert "Fused kernels require remove-padding" not in out  # verl's own switch-off did not run
+    norms = [float(x) for x in re.findall(r"grad_norm: \[([0-9.eE+-]+)\]", out)]
+    entropies = [float(x) for x in re.findall(r"actor/entropy_loss: \[np.float64\(([-0-9.eE+]+)\)", out)]
+    assert len(norms) == 2 and all(n > 0 for n in norms), out[-2000:]
+    assert len(entropies) == 2 and all(math.isfinite(e) and e > 0 for e in entropies), out[-2000:]

@@ -165,7 +165,7 @@ def _build_model(config, report: CheckReport):
 
 def check_config(config: DictConfig, run_verl_validation: bool = True) -> CheckReport:
     """Refuse (:class:`ConfigRefused`) what the run would fail on; return the layout, what was built, warnings."""
-    from verl_mtp.workers.config.mtp import check_distillation_settings
+    from verl_mtp.workers.config.mtp import check_distillation_settings, check_fused_main_head_settings
 
     layout = ParallelLayout.from_config(config)
     problems = layout.problems()
@@ -176,6 +176,8 @@ def check_config(config: DictConfig, run_verl_validation: bool = True) -> CheckR
         _verl_validate_config(config)
     built = build_start_up_configs(config, report)
     _refuse_on(check_distillation_settings, built["mtp"], built.get("distillation"))
+    fused = config.actor_rollout_ref.model.get("use_fused_kernels", False)
+    _refuse_on(check_fused_main_head_settings, fused, built["mtp"], built.get("distillation"))
     _check_mtp(config, built, report)
     _check_plugin_policy(built["mtp"])
     _check_context_length(config, built.get("model"))

@@ -2,7 +2,8 @@
 
 bf16 head scoring: the heads' logits come out of the output layer in bf16; the temperature division and the
 log-softmax must then run in fp32, as for the main head (Megatron's ``Float16Module`` hands verl fp32 logits),
-on both scoring paths. Reference: fp64 log-softmax of the same bf16 logits.
+on both scoring paths; the main head scored in chunks under ``use_fused_kernels`` likewise, entropy included.
+Reference: fp64 log-softmax of the same bf16 logits.
 
 Full activation recompute (``recompute_granularity=full``, ``recompute_method=uniform``,
 ``recompute_num_layers=1``, what Megatron allows for MTP) through the decoder and the MTP block with the rl
@@ -24,7 +25,7 @@ from verl_cpu.testing import build_tiny_gpt, causal_attention_mask
 
 from verl.utils.megatron_utils import patch_engine_mtp
 from verl_mtp.models.mcore.mcore_compat import let_mtp_layers_recompute
-from verl_mtp.models.mcore.mtp_log_probs import mtp_token_log_probs, score_mtp_heads
+from verl_mtp.models.mcore.mtp_log_probs import chunked_token_scores, mtp_token_log_probs, score_mtp_heads
 from verl_mtp.models.mcore.mtp_patch import MTPRLOutput, patch_postprocess_rl
 from verl_mtp.workers.config import MtpRLConfig
 
@@ -56,6 +57,33 @@ def test_bf16_head_log_probs_are_computed_in_fp32(chunk, temperature):
     want = torch.log_softmax(logits, dim=-1).gather(-1, labels.t()[..., None]).squeeze(-1).t()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_bf16_main_head_scores_and_gradients_in_chunks(temperature):
+    """The fused main head's path under bf16 (``use_fused_kernels`` with MTP): log-probs and entropy against the
+    fp64 softmax of the same bf16 logits (1e-4, as the heads), the gradients of a random functional of both
+    within the GPU check's bf16 tolerance (5e-2 relative)."""
+    g = torch.Generator().manual_seed(1)
+    s, b = 24, 2
+    hidden = (3 * torch.randn(s, b, HIDDEN, generator=g)).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) / 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, VOCAB, (s, b), generator=g)
+    w_lp, w_h = torch.randn(s, b, generator=g), torch.randn(s, b, generator=g)
+    temp = torch.full((s, b), temperature)
+    got = chunked_token_scores(hidden, weight, labels, temp, 7, entropy=True)
+    assert got.log_probs.dtype == got.entropy.dtype == torch.float32
+
+    logits = (hidden @ weight.t()).double() / temperature  # the layer's bf16 logits, then fp64
+    log_p = torch.log_softmax(logits, dim=-1)
+    want_lp, want_h = log_p.gather(-1, labels[..., None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+    torch.testing.assert_close(got.log_probs.double(), want_lp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.entropy.double(), want_h, rtol=0, atol=1e-4)
+    got_grads = torch.autograd.grad((got.log_probs * w_lp + got.entropy * w_h).sum(), [hidden, weight])
+    want_grads = torch.autograd.grad((want_lp * w_lp + want_h * w_h).sum(), [hidden, weight])
+    for got_g, want_g in zip(got_grads, want_grads, strict=True):
+        rel = (got_g.double() - want_g.double()).norm() / want_g.double().norm()
+        assert rel < 5e-2, rel
 
 
 def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):

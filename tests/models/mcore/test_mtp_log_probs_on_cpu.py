@@ -1,5 +1,6 @@
-"""Chunked sampled-token log-probs against the materialised log-softmax: values, top-1 and gradients; and the
-shape of every product a head makes with the vocabulary, on both paths."""
+"""Chunked sampled-token log-probs, entropy and sum of squared probabilities against the materialised
+log-softmax: values, top-1 and gradients; and the shape of every product a head makes with the vocabulary, on
+both paths."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from verl_cpu.testing import build_tiny_gpt, causal_attention_mask, prepare_mtp_loss_tracker
 
 from verl_mtp.models.mcore.mtp_alignment import mtp_output_keys
-from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs, score_mtp_heads
+from verl_mtp.models.mcore.mtp_log_probs import chunked_token_log_probs, chunked_token_scores, score_mtp_heads
 from verl_mtp.workers.config import MtpRLConfig
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
@@ -43,6 +44,55 @@ def test_matches_materialised_log_softmax(chunk, b):
     torch.testing.assert_close(got_gw, want_gw, rtol=1e-5, atol=1e-6)
 
 
+def naive_statistics(hidden, weight, temperature):
+    """Entropy and sum of squared probabilities of the materialised tempered softmax."""
+    log_p = torch.log_softmax(torch.einsum("sbh,vh->sbv", hidden, weight) / temperature[..., None], dim=-1)
+    return -(log_p.exp() * log_p).sum(-1), log_p.exp().square().sum(-1)
+
+
+def random_head(seed: int, s=11, b=2, h=8, v=37):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(s, b, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (s, b), generator=g)
+    return hidden, weight, labels, 0.5 + torch.rand(s, b, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("upstream", ["log_probs_and_entropy", "entropy_only"])
+def test_entropy_and_its_gradient_match_the_materialised_softmax(chunk, upstream):
+    hidden, weight, labels, temperature = random_head(chunk)
+    g = torch.Generator().manual_seed(1)
+    w_lp, w_h = (torch.randn(labels.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    if upstream == "entropy_only":
+        w_lp = w_lp * 0
+
+    got = chunked_token_scores(hidden, weight, labels, temperature, chunk, entropy=True)
+    want_lp, _ = reference(hidden, weight, labels, temperature)
+    want_h, _ = naive_statistics(hidden, weight, temperature)
+    torch.testing.assert_close(got.entropy.double(), want_h, rtol=1e-5, atol=1e-6)
+    assert got.sum_pi_squared is None
+
+    got_loss = (got.entropy.double() * w_h).sum() + (
+        0 if upstream == "entropy_only" else (got.log_probs.double() * w_lp).sum()
+    )
+    want_loss = (want_h * w_h).sum() + (want_lp * w_lp).sum()
+    for got_g, want_g in zip(torch.autograd.grad(got_loss, [hidden, weight]),
+                             torch.autograd.grad(want_loss, [hidden, weight]), strict=True):
+        torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_sum_pi_squared_matches_the_materialised_softmax_and_is_refused_with_a_gradient():
+    hidden, weight, labels, temperature = random_head(3)
+    with torch.no_grad():
+        got = chunked_token_scores(hidden, weight, labels, temperature, 4, entropy=True, sum_pi_squared=True)
+    want_h, want_sq = naive_statistics(hidden, weight, temperature)
+    torch.testing.assert_close(got.sum_pi_squared.double(), want_sq, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.entropy.double(), want_h, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="without gradient"):
+        chunked_token_scores(hidden, weight, labels, temperature, 4, sum_pi_squared=True)
+
+
 def test_detached_weight_gets_no_gradient_and_hidden_still_does():
     hidden = torch.randn(4, 1, 6, requires_grad=True)
     weight = torch.randn(9, 6)
@@ -71,7 +121,8 @@ class VocabProducts(TorchDispatchMode):
 @pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, train_lm_head):
-    """Forward, input gradient and (trained lm_head) weight gradient of a head: 2-D products, never a batched one.
+    """Forward and input gradient (one each per chunk of tokens) and a trained lm_head's weight gradient (one,
+    over all tokens) of a head: 2-D products, never a batched one, and no product recomputed in the backward.
 
     Before the materialised path scored a 2-D view, its temperature division laid the logits out with the
     size-1 batch dimension outermost (b = 1, verl's packed micro-batches); with the lm_head frozen (the default)
@@ -89,8 +140,8 @@ def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, 
     with VocabProducts(vocab) as products:
         scored = score_mtp_heads(out, bshd_head_labels(ids, [s] * b, 1), torch.full((b, s), 0.7))
         (scored[mtp_output_keys(1)[0]] * torch.rand(b, s)).sum().backward()  # a [b, s] upstream, as verl's loss
-    passes = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one of each per chunk of tokens
-    assert products.ops == ["mm"] * ((3 if train_lm_head else 2) * passes)
+    passes = 1 if chunk == 0 else -(-b * s // chunk)  # the chunked path: one per chunk of tokens
+    assert products.ops == ["mm"] * (2 * passes + (1 if train_lm_head else 0))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])

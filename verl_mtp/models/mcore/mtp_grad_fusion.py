@@ -15,7 +15,7 @@ __all__ = ["hand_over_weight_grad", "keep_mtp_stage_embedding_grad"]
 
 
 def hand_over_weight_grad(weight: torch.Tensor, grad_weight: torch.Tensor, fused: bool) -> torch.Tensor | None:
-    """What a backward returns to autograd for ``weight`` whose (fp32) gradient is ``grad_weight``.
+    """What a backward returns to autograd for ``weight`` whose gradient is ``grad_weight`` (any float dtype).
 
     ``fused``: the output layer's ``gradient_accumulation_fusion``. The main head always runs through that
     layer, so under fusion the weight is always flagged and a plain ``.grad`` would be discarded: the gradient

@@ -39,6 +39,7 @@ __all__ = [
     "check_mtp_rl_settings",
     "check_megatron_mtp_settings",
     "check_distillation_settings",
+    "check_fused_main_head_settings",
 ]
 
 OCC_SCOPES = ("micro_batch", "data_parallel")
@@ -227,10 +228,11 @@ class MtpRLConfig(MtpConfig):
 
     train_lm_head: whether the MTP policy loss may update the shared output layer (``rl`` only). Default
         False, as verl's MTP losses never update it: the main head's distribution stays the policy's own.
-    logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl`` only):
+    logprob_chunk_size: tokens per chunk when scoring the sampled tokens with each MTP head (``rl``):
         a head's fp32 full-vocabulary logits live only per chunk; the backward keeps ``exp(logits - max)`` in
         the hidden states' dtype. 0 runs the head through Megatron's output layer and keeps its logits (more
-        memory).
+        memory). With verl's ``use_fused_kernels=True`` (any regime) the main head is scored in chunks of this
+        size too, so it must be > 0 there.
     detached_head_ce_coef: ``rl`` only, ours, off (0) by default. When > 0 the heads are run a second time on
         detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
         (split over heads), so they keep learning as in ``detach`` (speculative-decoding drafts stay fresh)
@@ -309,3 +311,31 @@ def check_distillation_settings(mtp_config, distillation_config) -> None:
         "verl drops under distillation.distillation_loss.use_task_rewards=False: set use_task_rewards=True, or "
         "train the heads with mtp_loss_type=detach (or ce) during distillation. See docs/mtp_rl.md."
     )
+
+
+def check_fused_main_head_settings(use_fused_kernels: bool, mtp_config, distillation_config=None) -> None:
+    """Refuse what cannot run when verl's ``use_fused_kernels`` scores the main head in chunks (with a regime).
+
+    The main head then never has full logits: it is scored in chunks of ``logprob_chunk_size`` tokens, and
+    verl's top-k distillation, which reads the student's full logits, has nothing to read. Accepts
+    dataclasses or OmegaConf; ``distillation_config`` may be absent (the engine does not see it).
+    """
+    if not use_fused_kernels or getattr(mtp_config, "mtp_loss_type", None) is None or not mtp_config.enable:
+        return
+    if mtp_config.logprob_chunk_size <= 0:
+        raise ValueError(
+            "actor_rollout_ref.model.use_fused_kernels=True with an MTP regime scores the main head in chunks of "
+            "actor_rollout_ref.model.mtp.logprob_chunk_size tokens, which is "
+            f"{mtp_config.logprob_chunk_size}: set it > 0 (e.g. 1024), or use_fused_kernels=False."
+        )
+    if distillation_config is None or not distillation_config.enabled:
+        return
+    from verl.trainer.distillation.losses import get_distillation_loss_settings
+
+    loss_mode = distillation_config.distillation_loss.loss_mode
+    if get_distillation_loss_settings(loss_mode).use_topk:
+        raise ValueError(
+            f"distillation.distillation_loss.loss_mode={loss_mode} (top-k distillation) reads the main head's full "
+            "logits, which actor_rollout_ref.model.use_fused_kernels=True with an MTP regime never makes: set "
+            "use_fused_kernels=False, or use a distillation loss without top-k."
+        )

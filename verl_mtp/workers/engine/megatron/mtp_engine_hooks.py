@@ -20,6 +20,11 @@ patches the model and in every ``forward_step``), and for a regime trained by th
    pipeline schedule like the update itself, then the update with the estimator's lambdas (``gradient``) or
    the proxy's (diagnostics only).
 
+With verl's ``actor_rollout_ref.model.use_fused_kernels=True`` and a regime they score the main head in chunks
+(:mod:`verl_mtp.models.mcore.main_head_scoring`) where verl would turn its fused kernels off because MTP is on:
+verl's non-fused forward keeps running the MTP block, the main head's output-layer call is captured, and the
+logits processor scores its hidden states with the chunked function the MTP heads use.
+
 On every megatron-core version they keep verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
 in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MTP weights under 0.17+'s names
 (:mod:`verl_mtp.models.mcore.mcore_compat`). Without a regime (``mtp_loss_type=null``) the engine is verl's.
@@ -28,13 +33,16 @@ in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MT
 from __future__ import annotations
 
 import json
+import logging
 import os
 from functools import partial
 
 import torch
 from megatron.core import parallel_state as mpu
 
+import verl.models.mcore.mtp_patch as verl_mtp_patch
 from verl.utils.megatron_utils import unwrap_model
+from verl_mtp.models.mcore.main_head_scoring import MainHeadCapture, score_main_head
 from verl_mtp.models.mcore.mcore_compat import (
     adapt_mbridge_mtp_names,
     keep_mtp_ce_off_lm_head,
@@ -59,9 +67,11 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
     shared_trunk_parameters,
 )
 from verl_mtp.workers.config import MtpRLConfig
-from verl_mtp.workers.config.mtp import check_megatron_mtp_settings
+from verl_mtp.workers.config.mtp import check_fused_main_head_settings, check_megatron_mtp_settings
 from verl_mtp.workers.config.mtp_run_checks import check_mtp_megatron_layout
 from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "apply_regime_switches",
@@ -75,6 +85,10 @@ __all__ = [
     "save_occ_state",
     "load_occ_state",
     "mtp_loss_function",
+    "enable_fused_main_head",
+    "install_fused_main_head",
+    "scores_main_head_fused",
+    "fused_main_head_scores",
 ]
 
 
@@ -91,6 +105,8 @@ def init_mtp_state(engine) -> None:
     engine._mtp_loss_mode = None  # None: the full loss; "rl": the RL loss alone; k: head k's MTP loss alone
     engine._mtp_coefficients = None  # the gradient estimator's lambdas for the update in progress
     engine._mtp_diagnosed = False  # the gradient estimator measures the update in progress
+    engine.fused_main_head = False  # use_fused_kernels with a regime: the main head is scored in chunks
+    engine.main_head_capture: dict[torch.nn.Module, MainHeadCapture] = {}
 
 
 def is_mtp_rl(engine) -> bool:
@@ -291,3 +307,71 @@ def _consuming_mtp_outputs(loss_function, model_output: dict, data, dp_group=Non
         return loss_function(model_output=model_output, data=data, dp_group=dp_group)
     finally:
         drop_mtp_outputs(model_output)
+
+
+def enable_fused_main_head(engine) -> bool:
+    """In place of verl's ``_maybe_enable_fused_kernels``: with ``use_fused_kernels`` and a regime, score the main
+    head in chunks instead of turning the fused kernels off because MTP is on; ``False`` leaves it to verl.
+
+    verl's non-fused forward stays, since it is the one that runs the MTP block: ``engine_config.use_fused_kernels``
+    goes to False as verl sets it, so its ``forward_step`` and the worker's batches agree, and the main head's
+    output-layer call is captured once the model is patched (:func:`install_fused_main_head`).
+    """
+    mtp = engine.model_config.mtp
+    if not (engine.engine_config.use_fused_kernels and isinstance(mtp, MtpRLConfig) and mtp.regime is not None):
+        return False
+    check_fused_main_head_settings(True, mtp)
+    engine.fused_main_head = True
+    engine.engine_config.use_fused_kernels = False
+    logger.warning(
+        "use_fused_kernels=True with mtp_loss_type=%s: verl's non-fused forward runs the MTP block and the main head "
+        "is scored in chunks of %d tokens (no full logits)", mtp.mtp_loss_type, mtp.logprob_chunk_size,
+    )
+    return True
+
+
+def install_fused_main_head(engine) -> None:
+    """After verl's MTP patch and the regime's postprocess: capture the main head where the output layer is."""
+    if not engine.fused_main_head:
+        return
+    for chunk in engine.module:
+        if getattr(verl_mtp_patch._get_patching_model(chunk), "output_layer", None) is not None:
+            capture = MainHeadCapture(engine.model_config.mtp.logprob_chunk_size)
+            engine.main_head_capture[chunk] = capture.patch(chunk)
+
+
+def scores_main_head_fused(engine) -> bool:
+    """Whether the logits processor scores the main head from captured hidden states (an engine made without
+    ``__init__``, as verl's own unit tests make one, never does)."""
+    return getattr(engine, "fused_main_head", False)
+
+
+def fused_main_head_scores(
+    engine, label, temperature, *, calculate_sum_pi_squared: bool, calculate_entropy: bool,
+    distillation_use_topk: bool, distillation_only: bool, logits_processor_func,
+) -> dict:
+    """verl's logits processor for the main head, from the captured hidden states instead of logits.
+
+    ``distillation_only`` and ``logits_processor_func`` serve verl's top-k distillation only, which is refused.
+    """
+    if distillation_use_topk or distillation_only:
+        raise NotImplementedError(
+            "top-k distillation (distillation.distillation_loss.loss_mode=*_topk) reads the main head's full logits, "
+            "which actor_rollout_ref.model.use_fused_kernels=True with an MTP regime never makes: set "
+            "use_fused_kernels=False, or use a distillation loss without top-k."
+        )
+    if calculate_sum_pi_squared and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "actor_rollout_ref.actor.calculate_sum_pi_squared is scored without gradient under "
+            "use_fused_kernels=True with MTP (verl reads it from compute_log_prob); this pass computes gradients."
+        )
+    main = next((m for m in (c.pop_output() for c in engine.main_head_capture.values()) if m is not None), None)
+    if main is None:
+        raise RuntimeError(
+            "use_fused_kernels=True with MTP: no main-head output-layer call was captured in this forward (a "
+            "wrapper replaced the output layer or its weight?); set actor_rollout_ref.model.use_fused_kernels=False"
+        )
+    # verl's guard against padding's non-positive temperature, in place as verl does it (the MTP heads read it
+    # next), without verl's host read of the result
+    temperature.masked_fill_(temperature <= 0, 1e-8)
+    return score_main_head(main, label, temperature, entropy=calculate_entropy, sum_pi_squared=calculate_sum_pi_squared)

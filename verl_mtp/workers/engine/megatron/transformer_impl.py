@@ -26,6 +26,11 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         mtp_engine_hooks.check_mtp_rl_layout(self)
         super().initialize()
         mtp_engine_hooks.install_mtp_rl(self)
+        mtp_engine_hooks.install_fused_main_head(self)
+
+    def _maybe_enable_fused_kernels(self):
+        if not mtp_engine_hooks.enable_fused_main_head(self):
+            super()._maybe_enable_fused_kernels()
 
     def _build_tf_config(self):
         super()._build_tf_config()
@@ -44,9 +49,12 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         super().load_checkpoint(local_path, *args, **kwargs)
 
     def _lm_head_logits_processor(self, logits, label, temperature, *, batch, data_format, **kwargs):
-        ret = super()._lm_head_logits_processor(
-            logits, label, temperature, batch=batch, data_format=data_format, **kwargs
-        )
+        if mtp_engine_hooks.scores_main_head_fused(self):
+            ret = mtp_engine_hooks.fused_main_head_scores(self, label, temperature, **kwargs)
+        else:
+            ret = super()._lm_head_logits_processor(
+                logits, label, temperature, batch=batch, data_format=data_format, **kwargs
+            )
         mtp_engine_hooks.add_mtp_head_scores(self, ret, label, temperature, batch, data_format)
         return ret
 
