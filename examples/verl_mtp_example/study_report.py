@@ -1,17 +1,26 @@
-"""The regime study's report (:mod:`.study`): one table and three figures from the runs' verl metric files.
+"""The regime study's report, computed from its record (:mod:`.study_data`) alone, so that the published report is
+rebuilt number for number from the repository (``--report-only --data docs/results/data``).
 
-* ``table.md`` / ``results.json``: per regime, mean +- std over seeds of the final reward, the reward over the
-  last :data:`LAST_N` steps, the exact-answer rate and head-1 top-1 agreement over the same steps, the
-  paired difference of the last-N reward to ``detach`` (same seed), and the median step time;
-* ``reward.png``: reward and top-1 agreement per regime over training, mean with a +-std band over seeds;
-* the second table of ``table.md``: ``c``, ``v^2`` and their cosine over the first and the second half of training
-  (does the first-order term decay while the second-order one persists?);
-* ``decomposition.png``: the paper's two terms over training for the ``rl`` regimes, ``c = <g_RL, g_MTP>``
-  and ``v^2 = ||g_MTP||^2`` (exact, from the gradient diagnostics), their cosine, and lambda;
-* ``lambda_scatter.png``: the proxy's lambda against the exact one of the same updates, with their Pearson
-  and Spearman correlations.
+It writes ``report.md`` (every block below), ``results.json`` (the same numbers unformatted) and the figures of
+:mod:`.study_figures`; with ``doc`` it also writes each block into that markdown file between the markers
+``<!-- study:NAME -->`` and ``<!-- /study:NAME -->``, where a test checks them against a fresh report.
 
-Metrics are verl's step values (``trainer.logger`` file backend), read with :func:`.metrics_view.read_metrics`.
+Blocks:
+
+* ``settings``: what was run and how long it took;
+* ``table``: per regime, reward over the first and the last window of steps (:func:`window`), exact-answer
+  rate and head-1 top-1 agreement over the last window, and the paired difference of the last-window reward to
+  ``detach`` (same seed) with its t interval and minimum detectable difference;
+* ``learning``: does ``detach`` learn (last window minus first, paired by seed, against the step noise), and
+  the reward by quarter of training (is it near a plateau?);
+* ``power``: the seeds, chosen from the step noise of an earlier study (``planning.json`` in the record: that
+  study's ``results.json``), and the difference this study can detect;
+* ``decomposition``: per ``rl`` regime and phase of training (thirds of the steps), the medians of the exact
+  ``c = <g_RL, g_MTP>``, ``v^2 = ||g_MTP||^2``, their cosine and ``c / v^2`` over diagnosed updates, with run-level
+  bootstrap intervals;
+* ``proxy``: per ``rl`` regime and phase, the proxy's lambda against the exact one update by update (Spearman,
+  sign agreement against its chance rate), and its numerator and denominator against ``c`` and ``v^2``;
+* ``claims``: each of the paper's claims, reproduced / not reproduced / not resolvable (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -19,28 +28,28 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
+import re
+from typing import Callable, Optional
 
 import numpy as np
 
 from verl_mtp_example import metrics_view as mv
+from verl_mtp_example import study_data
+from verl_mtp_example import study_stats as st
 
-LAST_N = 5
-TOP1 = "actor/mtp_1/top1_agreement"
-EXACT_LAMBDA = "actor/mtp_1/occ_grad_lambda"
-PROXY_LAMBDA = "actor/mtp_1/occ_grad_proxy_lambda"
-GRAD_C, GRAD_V2, GRAD_COS = "actor/mtp_1/occ_grad_c", "actor/mtp_1/occ_grad_v2", "actor/mtp_1/occ_grad_cos"
+TOP1 = study_data.STEP_COLUMNS["top1_agreement"]
+PHASES = ("early", "middle", "late")
+BOOTSTRAP_SEED = 20  # every interval is drawn from this generator seed: the report is deterministic
 
 
-def load_runs(out: str, regimes: list[str], seeds: list[int]) -> dict[str, dict[int, dict[int, dict]]]:
-    """``{regime: {seed: {step: metrics}}}`` for the runs that logged anything."""
-    runs = {}
-    for regime in regimes:
-        for seed in seeds:
-            metrics = mv.read_metrics(os.path.join(out, regime, f"seed{seed}", "metrics.jsonl"))
-            if metrics:
-                runs.setdefault(regime, {})[seed] = metrics
-    return runs
+def window(steps: int) -> int:
+    """Steps averaged at each end of training: a fifth of the run, at least 5."""
+    return max(5, steps // 5)
+
+
+def phase(step: int, steps: int) -> str:
+    """Which third of training a step is in."""
+    return PHASES[min(2, (step - 1) * 3 // steps)]
 
 
 def series(run: dict[int, dict], key: str) -> dict[int, float]:
@@ -49,10 +58,11 @@ def series(run: dict[int, dict], key: str) -> dict[int, float]:
     return {s: v for s, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def last_n_mean(run: dict[int, dict], key: str, n: int = LAST_N) -> Optional[float]:
+def window_mean(run: dict[int, dict], key: str, n: int, last: bool = True) -> Optional[float]:
     values = series(run, key)
-    tail = [values[s] for s in sorted(values)[-n:]]
-    return float(np.mean(tail)) if tail else None
+    steps = sorted(values)
+    chosen = steps[-n:] if last else steps[:n]
+    return float(np.mean([values[s] for s in chosen])) if chosen else None
 
 
 def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
@@ -63,131 +73,452 @@ def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[f
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, len(xs)
 
 
-def regime_row(name: str, seeds: dict[int, dict[int, dict]], detach: Optional[dict[int, dict[int, dict]]]) -> dict:
-    """One table row: every quantity as (mean, std, number of seeds)."""
-    final = [mv._num(run[max(run)].get(mv.REWARD)) for run in seeds.values()]
-    paired = [last_n_mean(run, mv.REWARD) - last_n_mean(detach[seed], mv.REWARD)
-              for seed, run in seeds.items() if detach and seed in detach]
+def paired_to(runs: dict, regime: str, baseline: str, n: int) -> dict:
+    """Last-window reward of ``regime`` minus ``baseline``'s run of the same seed, over the seeds both have."""
+    seeds = sorted(set(runs.get(regime, {})) & set(runs.get(baseline, {})))
+    diffs = [window_mean(runs[regime][s], mv.REWARD, n) - window_mean(runs[baseline][s], mv.REWARD, n)
+             for s in seeds]
+    return st.paired(diffs)
+
+
+def regime_row(name: str, seeds: dict[int, dict[int, dict]], runs: dict, n: int) -> dict:
     step_times = [float(np.median(list(series(run, mv.STEP_TIME).values())[1:] or [np.nan])) for run in seeds.values()]
     return {
         "regime": name,
+        "seeds": len(seeds),
         "steps": min(len(run) for run in seeds.values()),
-        "final_reward": mean_std(final),
-        "reward_last_n": mean_std([last_n_mean(run, mv.REWARD) for run in seeds.values()]),
-        "exact_last_n": mean_std([last_n_mean(run, mv.EXACT) for run in seeds.values()]),
-        "top1_last_n": mean_std([last_n_mean(run, TOP1) for run in seeds.values()]),
-        "reward_last_n_minus_detach": mean_std(paired) if paired else (None, None, 0),
+        "reward_first": mean_std([window_mean(run, mv.REWARD, n, last=False) for run in seeds.values()]),
+        "reward_last": mean_std([window_mean(run, mv.REWARD, n) for run in seeds.values()]),
+        "exact_last": mean_std([window_mean(run, mv.EXACT, n) for run in seeds.values()]),
+        "top1_last": mean_std([window_mean(run, TOP1, n) for run in seeds.values()]),
+        "minus_detach": paired_to(runs, name, "detach", n) if name != "detach" else None,
         "seconds_per_step": mean_std([t for t in step_times if math.isfinite(t)]),
     }
 
 
-def _cell(stat: tuple, spec: str = ".3f") -> str:
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def fmt(x: Optional[float], spec: str = ".3f") -> str:
+    return "-" if x is None else f"{x:{spec}}"
+
+
+def fmt_ci(ci: tuple, spec: str = ".3f") -> str:
+    return "-" if ci[0] is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def _ms(stat: tuple, spec: str = ".3f") -> str:
     mean, std, _ = stat
     return "-" if mean is None else f"{mean:{spec}} +- {std:{spec.lstrip('+')}}"
 
 
-def table_markdown(rows: list[dict], seeds: list[int]) -> str:
-    head = (f"| regime | seeds | steps | final reward | reward, last {LAST_N} | exact, last {LAST_N} | "
-            f"top-1 agreement, last {LAST_N} | last-{LAST_N} reward - detach (paired) | s/step |")
-    lines = [head, "|" + "---|" * 9]
+def _paired_cell(p: Optional[dict]) -> str:
+    if not p or p["mean"] is None:
+        return "-"
+    return f"{p['mean']:+.3f} {fmt_ci(p['ci'], '+.3f')}"
+
+
+def table_block(rows: list[dict], n: int) -> str:
+    lines = [f"| regime | seeds | steps | reward, first {n} | reward, last {n} | exact, last {n} | "
+             f"top-1 agreement, last {n} | last-{n} reward - detach, paired [95% CI] | detectable difference | "
+             "s/step |",
+             "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['final_reward'][2]} | {r['steps']} | {_cell(r['final_reward'])} | "
-                     f"{_cell(r['reward_last_n'])} | "
-                     f"{_cell(r['exact_last_n'])} | {_cell(r['top1_last_n'])} | "
-                     f"{_cell(r['reward_last_n_minus_detach'], '+.3f')} | {_cell(r['seconds_per_step'], '.1f')} |")
-    lines.append(f"\nmean +- std over seeds {seeds} (sample std); the paired difference subtracts detach's run of "
-                 "the same seed.")
+        mde = r["minus_detach"]["mde"] if r["minus_detach"] else None
+        lines.append(f"| {r['regime']} | {r['seeds']} | {r['steps']} | {_ms(r['reward_first'])} | "
+                     f"{_ms(r['reward_last'])} | {_ms(r['exact_last'])} | {_ms(r['top1_last'])} | "
+                     f"{_paired_cell(r['minus_detach'])} | {fmt(mde)} | {_ms(r['seconds_per_step'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
-def halves(seeds: dict[int, dict[int, dict]], key: str) -> tuple[Optional[float], Optional[float]]:
-    """Mean of a metric over the first and the second half of the steps, all seeds pooled: does it decay?"""
-    steps = sorted({s for run in seeds.values() for s in run})
-    if not steps:
-        return None, None
-    middle = steps[len(steps) // 2]
-    early = [v for run in seeds.values() for s, v in series(run, key).items() if s < middle]
-    late = [v for run in seeds.values() for s, v in series(run, key).items() if s >= middle]
-    return (float(np.mean(early)) if early else None), (float(np.mean(late)) if late else None)
+# ---------------------------------------------------------------------------------------------- learning
 
 
-def decomposition_rows(runs: dict) -> list[dict]:
-    """Per diagnosed regime, ``c``, ``v^2`` and their cosine over the first and the second half of training."""
+def step_noise(run: dict[int, dict], n: int) -> Optional[float]:
+    """Standard deviation of the reward around its own trend over the last ``n`` steps (a straight line fitted
+    to them): the step-to-step noise at the end of training."""
+    values = series(run, mv.REWARD)
+    steps = sorted(values)[-n:]
+    if len(steps) < 3:
+        return None
+    y = np.array([values[s] for s in steps])
+    residual = y - np.polyval(np.polyfit(steps, y, 1), steps)
+    return float(residual.std(ddof=2))
+
+
+def learning(runs: dict, steps: int, n: int) -> dict:
+    """``detach``'s rise from the first to the last window (paired by seed), its step noise, and its mean reward
+    by quarter of training."""
+    detach = runs.get("detach", {})
+    rise = st.paired([window_mean(r, mv.REWARD, n) - window_mean(r, mv.REWARD, n, last=False)
+                      for r in detach.values()])
+    noise = mean_std([step_noise(r, n) for r in detach.values()])
+    quarters = []
+    for q in range(4):
+        lo, hi = q * steps / 4, (q + 1) * steps / 4
+        per_seed = [np.mean([v for s, v in series(r, mv.REWARD).items() if lo < s <= hi]) for r in detach.values()]
+        quarters.append(float(np.mean(per_seed)) if per_seed else None)
+    return {"rise": rise, "step_noise": noise, "quarters": quarters}
+
+
+def learning_block(info: dict, n: int) -> str:
+    rise, noise = info["rise"], info["step_noise"]
+    ratio = rise["mean"] / noise[0] if rise["mean"] is not None and noise[0] else None
+    quarters = " | ".join(fmt(q) for q in info["quarters"])
+    return ("| detach: last " f"{n} - first {n} steps, paired [95% CI] | step noise (sd around the trend, last {n}) "
+            "| rise / noise | mean reward by quarter of training: 1st | 2nd | 3rd | 4th |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {_paired_cell(rise)} | {_ms(noise)} | {fmt(ratio, '.1f')} | {quarters} |\n")
+
+
+# ---------------------------------------------------------------------------------------------- power
+
+
+def planning(path: str) -> Optional[dict]:
+    """The seeds' power calculation from the earlier study's ``results.json``: the pooled spread of its paired
+    last-window differences to ``detach`` and the difference each number of seeds detects with that spread."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        earlier = json.load(f)
+    sds = {r["regime"]: r["reward_last_n_minus_detach"][1] for r in earlier["rows"]
+           if r["regime"] != "detach" and r["reward_last_n_minus_detach"][2] > 1}
+    pooled = math.sqrt(float(np.mean([sd ** 2 for sd in sds.values()])))
+    return {"earlier_steps": earlier["steps"], "earlier_seeds": len(earlier["seeds"]), "paired_sd": sds,
+            "pooled_sd": pooled, "mde": {n: st.detectable_difference(pooled, n) for n in range(3, 11)}}
+
+
+def observed_spread(rows: list[dict]) -> Optional[float]:
+    """This study's pooled spread of the paired differences to ``detach``."""
+    sds = [r["minus_detach"]["sd"] for r in rows if r["minus_detach"] and r["minus_detach"]["sd"] is not None]
+    return math.sqrt(float(np.mean([sd ** 2 for sd in sds]))) if sds else None
+
+
+def power_block(plan: Optional[dict], seeds: int, observed: Optional[float]) -> str:
+    lines = []
+    if plan:
+        spreads = ", ".join(f"{r} {sd:.3f}" for r, sd in plan["paired_sd"].items())
+        lines += [f"Planning spread (the earlier {plan['earlier_steps']}-step study, {plan['earlier_seeds']} seeds, "
+                  f"sd of the paired last-window differences to detach): {spreads}; pooled "
+                  f"{plan['pooled_sd']:.4f}.", "",
+                  "| seeds | " + " | ".join(str(n) for n in plan["mde"]) + " |",
+                  "|---|" + "---|" * len(plan["mde"]),
+                  "| detectable difference (two-sided 5 %, power 80 %, paired t) | "
+                  + " | ".join(f"{m:.3f}" for m in plan["mde"].values()) + " |", ""]
+        if seeds in plan["mde"]:
+            lines.append(f"Planned with {seeds} seeds: detectable difference {plan['mde'][seeds]:.3f}.")
+    if observed is not None:
+        lines.append(f"Observed here: pooled sd of the paired differences {observed:.4f}, so {seeds} seeds detect "
+                     f"{st.detectable_difference(observed, seeds):.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- per update
+
+
+def diagnosed(updates: dict, regime: str, steps: int) -> list[list[dict]]:
+    """The diagnosed update rows of a regime, one list per run (the bootstrap's clusters), each tagged with its
+    phase of training."""
+    clusters = []
+    for seed in sorted(updates.get(regime, {})):
+        rows = [dict(r, phase=phase(r["step"], steps)) for r in updates[regime][seed]
+                if r["occ_grad_c"] is not None and r["occ_grad_v2"] is not None]
+        if rows:
+            clusters.append(rows)
+    return clusters
+
+
+def in_phase(name: Optional[str]) -> Callable[[dict], bool]:
+    return (lambda r: True) if name is None else (lambda r: r["phase"] == name)
+
+
+def _median_of(key: str, keep: Callable[[dict], bool]) -> Callable[[list], Optional[float]]:
+    def statistic(rows: list) -> Optional[float]:
+        return st.median([r[key] for r in rows if keep(r) and r[key] is not None])
+    return statistic
+
+
+def _share_positive(key: str, keep) -> Callable[[list], Optional[float]]:
+    def statistic(rows: list) -> Optional[float]:
+        values = [r[key] for r in rows if keep(r) and r[key] is not None]
+        return float(np.mean(np.array(values) > 0)) if values else None
+    return statistic
+
+
+def _change(key: str, ratio: bool) -> Callable[[list], Optional[float]]:
+    """Median of ``key`` over the late third against the early third: their ratio or their difference."""
+    def statistic(rows: list) -> Optional[float]:
+        early, late = (_median_of(key, in_phase(p))(rows) for p in ("early", "late"))
+        if early is None or late is None or (ratio and early <= 0):
+            return None
+        return late / early if ratio else late - early
+    return statistic
+
+
+def _pairs_statistic(x: str, y: str, measure: Callable, keep) -> Callable[[list], Optional[float]]:
+    def statistic(rows: list) -> Optional[float]:
+        return measure([(r[x], r[y]) for r in rows if keep(r) and r[x] is not None and r[y] is not None])
+    return statistic
+
+
+def boot(clusters, statistic, offset: int) -> dict:
+    return st.cluster_bootstrap(clusters, statistic, seed=BOOTSTRAP_SEED + offset)
+
+
+def decomposition(updates: dict, regimes: list[str], steps: int) -> list[dict]:
     rows = []
-    for regime, seeds in runs.items():
-        if any(series(run, GRAD_C) for run in seeds.values()):
-            rows.append({"regime": regime, **{name: halves(seeds, key) for name, key in
-                                               (("c", GRAD_C), ("v2", GRAD_V2), ("cos", GRAD_COS))}})
+    for i, regime in enumerate(regimes):
+        clusters = diagnosed(updates, regime, steps)
+        if not clusters:
+            continue
+        for j, name in enumerate((*PHASES, None)):
+            keep, k = in_phase(name), 100 * i + 10 * j
+            rows.append({"regime": regime, "phase": name or "all",
+                         "n": sum(1 for c in clusters for r in c if keep(r)),
+                         "c": boot(clusters, _median_of("occ_grad_c", keep), k),
+                         "c_positive": boot(clusters, _share_positive("occ_grad_c", keep), k + 1),
+                         "v2": boot(clusters, _median_of("occ_grad_v2", keep), k + 2),
+                         "cos": boot(clusters, _median_of("occ_grad_cos", keep), k + 3),
+                         "lambda": boot(clusters, _median_of("occ_grad_lambda", keep), k + 4)})
+        rows.append({"regime": regime, "phase": "late / early", "n": None,
+                     "c": boot(clusters, _change("occ_grad_c", True), 100 * i + 50),
+                     "v2": boot(clusters, _change("occ_grad_v2", True), 100 * i + 51),
+                     "cos": boot(clusters, _change("occ_grad_cos", False), 100 * i + 52),
+                     "lambda": boot(clusters, _change("occ_grad_lambda", False), 100 * i + 53),
+                     "c_positive": None})
     return rows
 
 
-def decomposition_markdown(rows: list[dict]) -> str:
-    def pair(x):
-        return " -> ".join("-" if v is None else f"{v:.3g}" for v in x)
+def _b(x: Optional[dict], spec: str = ".3g") -> str:
+    if not x or x["estimate"] is None:
+        return "-"
+    return f"{x['estimate']:{spec}} {fmt_ci(x['ci'], spec)}"
 
-    lines = ["| regime | c = <g_RL, g_MTP>, first half -> second half | v^2, squared norm of g_MTP "
-             "| cos(g_RL, g_MTP) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['regime']} | {pair(r['c'])} | {pair(r['v2'])} | {pair(r['cos'])} |" for r in rows]
+
+def decomposition_block(rows: list[dict]) -> str:
+    lines = ["| regime | phase | diagnosed updates | median c [95% CI] | share c > 0 | median v^2 | "
+             "median cos(g_RL, g_MTP) | median exact lambda = c / v^2 |",
+             "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['phase']} | {fmt(r['n'], 'd') if r['n'] is not None else '-'} | "
+                     f"{_b(r['c'])} | {_b(r['c_positive'], '.2f')} | {_b(r['v2'])} | {_b(r['cos'])} | "
+                     f"{_b(r['lambda'])} |")
+    return ("\n".join(lines) + "\n\nIn the `late / early` rows: c and v^2 as the ratio of the late third's median "
+            "to the early third's, the cosine and lambda as their difference.\n")
+
+
+def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
+    rows = []
+    for i, regime in enumerate(regimes):
+        clusters = diagnosed(updates, regime, steps)
+        for j, name in enumerate((*PHASES, None)):
+            keep, k = in_phase(name), 1000 + 100 * i + 10 * j
+            pairs = [(r["occ_grad_proxy_lambda"], r["occ_grad_lambda"]) for c in clusters for r in c
+                     if keep(r) and r["occ_grad_proxy_lambda"] is not None]
+            if not pairs:
+                continue
+            lam = ("occ_grad_proxy_lambda", "occ_grad_lambda")
+            rows.append({
+                "regime": regime, "phase": name or "all", "n": len(pairs),
+                "spearman": boot(clusters, _pairs_statistic(*lam, st.spearman, keep), k),
+                "sign_agreement": st.sign_agreement(pairs), "chance": st.chance_agreement(pairs),
+                "above_chance": boot(clusters, _pairs_statistic(*lam, st.agreement_above_chance, keep), k + 1),
+                "numerator_c": boot(clusters, _pairs_statistic("occ_cross_sum", "occ_grad_c", st.spearman, keep),
+                                    k + 2),
+                "denominator_v2": boot(clusters, _pairs_statistic("occ_dmtp_sq_sum", "occ_grad_v2", st.spearman,
+                                                                  keep), k + 3),
+            })
+    return rows
+
+
+def proxy_block(rows: list[dict]) -> str:
+    lines = ["| regime | phase | updates | Spearman(proxy lambda, exact lambda) [95% CI] | same sign | by chance | "
+             "same sign - chance [95% CI] | Spearman(proxy numerator, c) | Spearman(proxy denominator, v^2) |",
+             "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['phase']} | {r['n']} | {_b(r['spearman'], '.2f')} | "
+                     f"{fmt(r['sign_agreement'], '.2f')} | {fmt(r['chance'], '.2f')} | "
+                     f"{_b(r['above_chance'], '+.2f')} | {_b(r['numerator_c'], '.2f')} | "
+                     f"{_b(r['denominator_v2'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
-def lambda_pairs(runs: dict) -> dict[str, tuple[list[float], list[float]]]:
-    """Per regime, (exact, proxy) lambda of every diagnosed step of every seed."""
-    pairs = {}
-    for regime, seeds in runs.items():
-        exact, proxy = [], []
-        for run in seeds.values():
-            e, p = series(run, EXACT_LAMBDA), series(run, PROXY_LAMBDA)
-            for step in sorted(set(e) & set(p)):
-                exact.append(e[step])
-                proxy.append(p[step])
-        if exact:
-            pairs[regime] = (exact, proxy)
-    return pairs
+# ---------------------------------------------------------------------------------------------- claims
+
+FIXED = re.compile(r"^(ce|rl)_([0-9.]+)$")
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), for Spearman's correlation."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+def fixed_regimes(regimes: list[str], mode: str) -> list[str]:
+    """The regimes of ``mode`` with a fixed coefficient, smallest coefficient first."""
+    chosen = [(float(m.group(2)), r) for r in regimes if (m := FIXED.match(r)) and m.group(1) == mode]
+    return [r for _, r in sorted(chosen)]
 
 
-def correlations(exact: list[float], proxy: list[float]) -> dict:
-    """Pearson and Spearman correlation of the two estimators (None below 3 points or without spread), and the
-    share of updates where they agree in sign (whether the MTP term should push or pull at all)."""
-    x, y = np.asarray(exact, float), np.asarray(proxy, float)
-    sign = float(np.mean(np.sign(x) == np.sign(y))) if len(x) else None
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return {"n": len(x), "pearson": None, "spearman": None, "sign_agreement": sign}
-    return {"n": len(x), "pearson": float(np.corrcoef(x, y)[0, 1]),
-            "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]), "sign_agreement": sign}
+def verdict(side: str, ci: tuple, mde: Optional[float] = None) -> str:
+    """The claim's verdict from a 95 % interval: ``side`` is where the claim puts the quantity (``below`` or
+    ``above`` 0, or ``not below`` 0: no worse).
+
+    Reproduced: the interval lies on the claim's side. Not reproduced: the interval lies on the other side, or,
+    for a difference with a detectable size ``mde``, it excludes every effect of that size on the claim's side
+    (an effect the study could see is ruled out). Otherwise not resolvable.
+    """
+    low, high = ci
+    if low is None:
+        return "not resolvable"
+    if side == "not below":
+        if mde is not None and low > -mde:
+            return "reproduced"
+        return "not reproduced" if high < 0 else "not resolvable"
+    sign = -1 if side == "below" else 1
+    near, far = (high, low) if sign < 0 else (low, high)
+    if sign * near > 0:
+        return "reproduced"
+    if sign * far < 0 or (mde is not None and sign * far < mde):
+        return "not reproduced"
+    return "not resolvable"
 
 
-def write_report(out: str, regimes: list[str], seeds: list[int], steps: int, seconds: Optional[float]) -> dict:
-    """Table, results and figures of the finished (or partly finished) study in ``out``."""
+PAPER = {  # the paper's numbers (MiMo-7B, avg@32), quoted next to each claim
+    "ce": "CE into the trunk hurts (paper: CE 47.7 vs detach 58.9)",
+    "fixed": "a fixed coefficient large enough for the second-order term to dominate hurts (paper: fixed 57.4)",
+    "occ_detach": "OCC is never worse than detach (paper: OCC 61.7 vs detach 58.9)",
+    "occ_fixed": "OCC beats a fixed coefficient (paper: 61.7 vs 57.4)",
+    "c": "the MTP policy gradient is aligned with the RL gradient (first-order term c > 0)",
+    "decay": "c decays while v^2 persists, so lambda* = c / v^2 falls during training",
+    "proxy": "OCC's log-probability proxy tracks lambda* = c / v^2",
+}
+
+
+def _reward_claim(key: str, runs: dict, regime: str, baseline: str, side: str, n: int) -> dict:
+    p = paired_to(runs, regime, baseline, n)
+    return {"claim": PAPER[key], "measure": f"last-{n} reward, {regime} - {baseline} (paired)", "value": p["mean"],
+            "ci": p["ci"], "mde": p["mde"], "verdict": verdict(side, p["ci"], p["mde"])}
+
+
+def reward_claims(runs: dict, regimes: list[str], n: int) -> list[dict]:
+    present = [r for r in regimes if r in runs]
+    fixed_rl = fixed_regimes(present, "rl")
+    claims = [_reward_claim("ce", runs, r, "detach", "below", n) for r in fixed_regimes(present, "ce")]
+    claims += [_reward_claim("fixed", runs, r, "detach", "below", n) for r in fixed_rl]
+    if "rl_occ" in present:
+        claims.append(_reward_claim("occ_detach", runs, "rl_occ", "detach", "not below", n))
+        claims += [_reward_claim("occ_fixed", runs, "rl_occ", r, "above", n) for r in fixed_rl]
+    return [c for c in claims if c["value"] is not None]
+
+
+def gradient_claims(decomposition_rows: list[dict], proxy: list[dict]) -> list[dict]:
+    claims = []
+    for r in decomposition_rows:
+        if r["phase"] == "all":
+            claims.append({"claim": PAPER["c"], "measure": f"median c over diagnosed updates, {r['regime']}",
+                           "value": r["c"]["estimate"], "ci": r["c"]["ci"], "mde": None,
+                           "verdict": verdict("above", r["c"]["ci"])})
+        if r["phase"] == "late / early":
+            claims.append({"claim": PAPER["decay"],
+                           "measure": f"median exact lambda, late - early third, {r['regime']}",
+                           "value": r["lambda"]["estimate"], "ci": r["lambda"]["ci"], "mde": None,
+                           "verdict": verdict("below", r["lambda"]["ci"])})
+    for r in proxy:
+        if r["phase"] == "all":
+            claims.append({"claim": PAPER["proxy"], "measure": f"Spearman(proxy, exact lambda) per update, "
+                                                               f"{r['regime']}",
+                           "value": r["spearman"]["estimate"], "ci": r["spearman"]["ci"], "mde": None,
+                           "verdict": verdict("above", r["spearman"]["ci"])})
+    return claims
+
+
+def claims_block(claims: list[dict]) -> str:
+    lines = ["| the paper's claim | measured here | value [95% CI] | detectable difference | verdict |",
+             "|---|---|---|---|---|"]
+    for c in claims:
+        spec = "+.3f" if c["mde"] is not None else ".3g"
+        lines.append(f"| {c['claim']} | {c['measure']} | {fmt(c['value'], spec)} {fmt_ci(c['ci'], spec)} | "
+                     f"{fmt(c['mde'])} | **{c['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def settings_block(study: dict, runs: dict) -> str:
+    s = study["settings"]
+    n_runs = sum(len(seeds) for seeds in runs.values())
+    wall = s.get("runs_wall_seconds") or 0.0
+    return (f"Regimes {', '.join(f'`{r}`' for r in s['regimes'])}; seeds {s['seeds']}; {s['steps']} steps of "
+            f"{s['batch']} prompts x {s['n']} samples, {s['algo']} policy loss, learning rate {s['lr']}, "
+            f"{s['sft_steps']} SFT warm-up steps; the `rl` regimes diagnosed on every {s['diagnose_every']}"
+            f"{'nd' if s['diagnose_every'] == 2 else 'th'} update. {n_runs} runs, "
+            f"{wall / 3600:.2f} h of launcher time in all.\n")
+
+
+def blocks_of(study: dict, runs: dict, updates: dict, plan: Optional[dict]) -> tuple[dict, dict]:
+    """Every block's markdown and the numbers behind them."""
+    s = study["settings"]
+    regimes, steps = [r for r in s["regimes"] if r in runs], s["steps"]
+    n = window(steps)
+    rows = [regime_row(name, runs[name], runs, n) for name in regimes]
+    learned = learning(runs, steps, n) if "detach" in runs else None
+    rl = [r for r in regimes if updates.get(r)]
+    decomposition_rows = decomposition(updates, rl, steps)
+    proxy = proxy_rows(updates, rl, steps)
+    claims = reward_claims(runs, regimes, n) + gradient_claims(decomposition_rows, proxy)
+    blocks = {"settings": settings_block(study, runs), "table": table_block(rows, n),
+              "power": power_block(plan, len(s["seeds"]), observed_spread(rows)),
+              "decomposition": decomposition_block(decomposition_rows), "proxy": proxy_block(proxy),
+              "claims": claims_block(claims)}
+    if learned:
+        blocks["learning"] = learning_block(learned, n)
+    results = {"settings": s, "window": n, "rows": rows, "learning": learned, "planning": plan,
+               "decomposition": decomposition_rows, "proxy": proxy, "claims": claims}
+    return blocks, results
+
+
+def begin_marker(name: str) -> str:
+    return f"<!-- study:{name} -->"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- /study:{name} -->"
+
+
+def doc_blocks(text: str) -> dict[str, str]:
+    """The blocks a markdown file holds between its study markers."""
+    found = re.findall(r"<!-- study:([\w-]+) -->\n(.*?)<!-- /study:\1 -->", text, flags=re.S)
+    return dict(found)
+
+
+def fill_doc(path: str, blocks: dict[str, str]) -> list[str]:
+    """Write each block into ``path`` between its markers; the names of the doc's markers with no block."""
+    with open(path) as f:
+        text = f.read()
+    for name in doc_blocks(text):
+        if name in blocks:
+            text = re.sub(re.escape(begin_marker(name)) + r"\n.*?" + re.escape(end_marker(name)),
+                          lambda _m, n=name: f"{begin_marker(n)}\n{blocks[n]}{end_marker(n)}", text, flags=re.S)
+    with open(path, "w") as f:
+        f.write(text)
+    return [name for name in doc_blocks(text) if name not in blocks]
+
+
+def report_markdown(blocks: dict[str, str]) -> str:
+    return "\n".join(f"{begin_marker(name)}\n{text}{end_marker(name)}\n" for name, text in blocks.items())
+
+
+def write_report(data_dir: str, out: str, doc: Optional[str] = None) -> dict:
+    """``report.md``, ``results.json`` and the figures of the record in ``data_dir``, written to ``out``."""
     from verl_mtp_example import study_figures
 
-    runs = load_runs(out, regimes, seeds)
-    rows = [regime_row(name, runs[name], runs.get("detach")) for name in regimes if name in runs]
-    pairs = lambda_pairs(runs)
-    all_exact = [x for e, _ in pairs.values() for x in e]
-    all_proxy = [y for _, p in pairs.values() for y in p]
-    lam = {"all": correlations(all_exact, all_proxy), **{r: correlations(*p) for r, p in pairs.items()}}
-    decomposition = decomposition_rows(runs)
-    table = table_markdown(rows, seeds) + "\n" + decomposition_markdown(decomposition)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
-    results = {"rows": rows, "decomposition": decomposition, "lambda_correlation": lam, "seeds": seeds,
-               "steps": steps, "study_seconds": seconds}
+    study, runs, updates = study_data.load(data_dir)
+    blocks, results = blocks_of(study, runs, updates, planning(os.path.join(data_dir, "planning.json")))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report_markdown(blocks))
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    figures = study_figures.draw_all(out, runs, pairs, lam)
-    print(table, flush=True)
-    print(f"proxy vs exact lambda: {json.dumps(lam)}", flush=True)
-    return {"table": os.path.join(out, "table.md"), "figures": figures, "results": results}
+        json.dump(results, f, indent=1)
+    figures = study_figures.draw_all(out, runs, updates, study["settings"]["steps"])
+    if doc:
+        unknown = fill_doc(doc, blocks)
+        if unknown:
+            raise SystemExit(f"[study] error: {doc} has markers with no block of the report: {unknown}")
+    print(report_markdown(blocks), flush=True)
+    return {"table": os.path.join(out, "report.md"), "figures": figures, "results": results, "blocks": blocks}
