@@ -104,18 +104,39 @@ def _write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
 def export(out: str, settings: dict, runs: list[tuple[str, int]], data_dir: str) -> str:
     """Write the record of the finished ``runs`` (``(regime, seed)``, work dirs under ``out``) to ``data_dir``."""
     os.makedirs(data_dir, exist_ok=True)
-    steps, updates, seconds = [], [], {}
+    steps, updates, seconds, model = [], [], {}, None
     for regime, seed in runs:
         workdir = os.path.join(out, regime, f"seed{seed}")
         steps += step_rows(regime, seed, mv.read_metrics(os.path.join(workdir, "metrics.jsonl")))
         updates += update_rows(regime, seed, mv.read_metrics(os.path.join(workdir, run_dir.UPDATE_METRICS)))
         with open(os.path.join(workdir, "summary.json")) as f:
-            seconds[f"{regime}/seed{seed}"] = json.load(f).get("seconds")
+            summary = json.load(f)
+        seconds[f"{regime}/seed{seed}"] = summary.get("seconds")
+        model = model or model_facts(summary.get("paths", {}).get("model"))
     _write_csv(os.path.join(data_dir, "steps.csv"), steps, [*KEYS, *STEP_COLUMNS])
     _write_csv(os.path.join(data_dir, "updates.csv"), updates, [*KEYS, "update", *EVERY_UPDATE, *DIAGNOSED])
     with open(os.path.join(data_dir, "study.json"), "w") as f:
-        json.dump({"settings": settings, "run_seconds": seconds}, f, indent=2)
+        json.dump({"settings": settings, "model": model, "run_seconds": seconds}, f, indent=2)
     return data_dir
+
+
+MODEL_FACTS = ("num_hidden_layers", "num_nextn_predict_layers", "hidden_size", "vocab_size")
+
+
+def model_facts(model_dir: Optional[str]) -> Optional[dict]:
+    """The trained model's size, from its HF config and weights (the report states it; nothing is typed in)."""
+    if not model_dir or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return None
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    facts = {key: config.get(key) for key in MODEL_FACTS}
+    weights = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="np") as f:
+            facts["parameters"] = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return facts
 
 
 def _read_csv(path: str) -> list[dict]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from verl_mtp_example import metrics_view as mv
 from verl_mtp_example.study_report import PHASES, TOP1, diagnosed, series
+from verl_mtp_example.study_stats import pool
 
 
 def _pyplot():
@@ -63,12 +64,9 @@ def reward_figure(out: str, runs: dict) -> str:
     return _save(fig, os.path.join(out, "reward.png"))
 
 
-def _per_step_median(rows: list[dict], key: str) -> tuple[list, list]:
-    by_step: dict[int, list] = {}
-    for r in rows:
-        by_step.setdefault(r["step"], []).append(r[key])
-    steps = sorted(by_step)
-    return steps, [float(np.median(by_step[s])) for s in steps]
+def _per_step_median(columns: dict, key: str) -> tuple[np.ndarray, list]:
+    steps = np.unique(columns["step"])
+    return steps, [float(np.nanmedian(columns[key][columns["step"] == s])) for s in steps]
 
 
 def decomposition_figure(out: str, updates: dict, steps: int) -> str:
@@ -76,12 +74,14 @@ def decomposition_figure(out: str, updates: dict, steps: int) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
     colours = _colours(updates)
-    keys = ("occ_grad_c", "occ_grad_v2", "occ_grad_cos", "occ_grad_lambda")
     for regime in updates:
-        rows = [r for cluster in diagnosed(updates, regime, steps) for r in cluster]
-        for ax, key in zip(axes, keys, strict=True):
-            ax.scatter([r["step"] for r in rows], [r[key] for r in rows], s=3, alpha=0.25, color=colours[regime])
-            ax.plot(*_per_step_median(rows, key), color=colours[regime], lw=1.2, label=regime)
+        clusters = diagnosed(updates, regime, steps)
+        if not clusters:
+            continue
+        columns = pool(clusters)
+        for ax, key in zip(axes, ("c", "v2", "cos", "lambda"), strict=True):
+            ax.scatter(columns["step"], columns[key], s=3, alpha=0.25, color=colours[regime])
+            ax.plot(*_per_step_median(columns, key), color=colours[regime], lw=1.2, label=regime)
     titles = ("c = <g_RL, g_MTP> (first-order term)", "v^2 = ||g_MTP||^2 (second-order term)",
               "cos(g_RL, g_MTP)", "exact lambda = c / v^2")
     for ax, title in zip(axes, titles, strict=True):
@@ -104,15 +104,18 @@ def proxy_figure(out: str, updates: dict, steps: int) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     colours = _colours(updates)
-    panels = (("occ_grad_lambda", "occ_grad_proxy_lambda", "exact lambda = c / v^2", "proxy lambda"),
-              ("occ_grad_c", "occ_cross_sum", "exact c = <g_RL, g_MTP>", "proxy numerator (occ_cross_sum)"),
-              ("occ_grad_v2", "occ_dmtp_sq_sum", "exact v^2 = ||g_MTP||^2", "proxy denominator (occ_dmtp_sq_sum)"))
+    panels = (("lambda", "proxy", "exact lambda = c / v^2", "proxy lambda"),
+              ("c", "numerator", "exact c = <g_RL, g_MTP>", "proxy numerator (occ_cross_sum)"),
+              ("v2", "denominator", "exact v^2 = ||g_MTP||^2", "proxy denominator (occ_dmtp_sq_sum)"))
     for regime in updates:
-        rows = [r for cluster in diagnosed(updates, regime, steps) for r in cluster]
+        clusters = diagnosed(updates, regime, steps)
+        if not clusters:
+            continue
+        columns = pool(clusters)
         for ax, (x, y, _, _) in zip(axes, panels, strict=True):
-            kept = [r for r in rows if r[x] is not None and r[y] is not None]
-            ax.scatter([r[x] for r in kept], [r[y] for r in kept], s=5, alpha=0.35, color=colours[regime],
-                       label=f"{regime} (n={len(kept)})")
+            keep = np.isfinite(columns[x]) & np.isfinite(columns[y])
+            ax.scatter(columns[x][keep], columns[y][keep], s=5, alpha=0.35, color=colours[regime],
+                       label=f"{regime} (n={int(keep.sum())})")
     for ax, (_, _, xlabel, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

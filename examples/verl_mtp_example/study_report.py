@@ -216,48 +216,58 @@ def power_block(plan: Optional[dict], seeds: int, observed: Optional[float]) -> 
 # ---------------------------------------------------------------------------------------------- per update
 
 
-def diagnosed(updates: dict, regime: str, steps: int) -> list[list[dict]]:
-    """The diagnosed update rows of a regime, one list per run (the bootstrap's clusters), each tagged with its
-    phase of training."""
+COLUMNS = {"c": "occ_grad_c", "v2": "occ_grad_v2", "cos": "occ_grad_cos", "lambda": "occ_grad_lambda",
+           "proxy": "occ_grad_proxy_lambda", "numerator": "occ_cross_sum", "denominator": "occ_dmtp_sq_sum"}
+
+
+def diagnosed(updates: dict, regime: str, steps: int) -> list[dict[str, np.ndarray]]:
+    """The diagnosed updates of a regime as columns (:data:`COLUMNS`, NaN where not logged, plus ``step`` and
+    ``phase``, the index in :data:`PHASES`), one dict per run: the bootstrap's clusters."""
     clusters = []
     for seed in sorted(updates.get(regime, {})):
-        rows = [dict(r, phase=phase(r["step"], steps)) for r in updates[regime][seed]
-                if r["occ_grad_c"] is not None and r["occ_grad_v2"] is not None]
+        rows = [r for r in updates[regime][seed] if r["occ_grad_c"] is not None and r["occ_grad_v2"] is not None]
         if rows:
-            clusters.append(rows)
+            cluster = {name: np.array([np.nan if r[key] is None else r[key] for r in rows])
+                       for name, key in COLUMNS.items()}
+            cluster["step"] = np.array([r["step"] for r in rows])
+            cluster["phase"] = np.array([PHASES.index(phase(r["step"], steps)) for r in rows])
+            clusters.append(cluster)
     return clusters
 
 
-def in_phase(name: Optional[str]) -> Callable[[dict], bool]:
-    return (lambda r: True) if name is None else (lambda r: r["phase"] == name)
+def _mask(columns: dict, name: Optional[str], *keys: str) -> np.ndarray:
+    """The updates of phase ``name`` (all when None) where every one of ``keys`` is logged."""
+    keep = np.ones(len(columns["step"]), bool) if name is None else columns["phase"] == PHASES.index(name)
+    for key in keys:
+        keep &= np.isfinite(columns[key])
+    return keep
 
 
-def _median_of(key: str, keep: Callable[[dict], bool]) -> Callable[[list], Optional[float]]:
-    def statistic(rows: list) -> Optional[float]:
-        return st.median([r[key] for r in rows if keep(r) and r[key] is not None])
+def _median_of(key: str, name: Optional[str]) -> Callable[[dict], Optional[float]]:
+    return lambda cols: st.median(cols[key][_mask(cols, name, key)])
+
+
+def _share_positive(key: str, name: Optional[str]) -> Callable[[dict], Optional[float]]:
+    def statistic(cols: dict) -> Optional[float]:
+        values = cols[key][_mask(cols, name, key)]
+        return float(np.mean(values > 0)) if len(values) else None
     return statistic
 
 
-def _share_positive(key: str, keep) -> Callable[[list], Optional[float]]:
-    def statistic(rows: list) -> Optional[float]:
-        values = [r[key] for r in rows if keep(r) and r[key] is not None]
-        return float(np.mean(np.array(values) > 0)) if values else None
-    return statistic
-
-
-def _change(key: str, ratio: bool) -> Callable[[list], Optional[float]]:
+def _change(key: str, ratio: bool) -> Callable[[dict], Optional[float]]:
     """Median of ``key`` over the late third against the early third: their ratio or their difference."""
-    def statistic(rows: list) -> Optional[float]:
-        early, late = (_median_of(key, in_phase(p))(rows) for p in ("early", "late"))
+    def statistic(cols: dict) -> Optional[float]:
+        early, late = (_median_of(key, p)(cols) for p in ("early", "late"))
         if early is None or late is None or (ratio and early <= 0):
             return None
         return late / early if ratio else late - early
     return statistic
 
 
-def _pairs_statistic(x: str, y: str, measure: Callable, keep) -> Callable[[list], Optional[float]]:
-    def statistic(rows: list) -> Optional[float]:
-        return measure([(r[x], r[y]) for r in rows if keep(r) and r[x] is not None and r[y] is not None])
+def _between(x: str, y: str, measure: Callable, name: Optional[str]) -> Callable[[dict], Optional[float]]:
+    def statistic(cols: dict) -> Optional[float]:
+        keep = _mask(cols, name, x, y)
+        return measure(cols[x][keep], cols[y][keep])
     return statistic
 
 
@@ -272,19 +282,19 @@ def decomposition(updates: dict, regimes: list[str], steps: int) -> list[dict]:
         if not clusters:
             continue
         for j, name in enumerate((*PHASES, None)):
-            keep, k = in_phase(name), 100 * i + 10 * j
+            k = 100 * i + 10 * j
             rows.append({"regime": regime, "phase": name or "all",
-                         "n": sum(1 for c in clusters for r in c if keep(r)),
-                         "c": boot(clusters, _median_of("occ_grad_c", keep), k),
-                         "c_positive": boot(clusters, _share_positive("occ_grad_c", keep), k + 1),
-                         "v2": boot(clusters, _median_of("occ_grad_v2", keep), k + 2),
-                         "cos": boot(clusters, _median_of("occ_grad_cos", keep), k + 3),
-                         "lambda": boot(clusters, _median_of("occ_grad_lambda", keep), k + 4)})
+                         "n": int(sum(_mask(c, name, "c").sum() for c in clusters)),
+                         "c": boot(clusters, _median_of("c", name), k),
+                         "c_positive": boot(clusters, _share_positive("c", name), k + 1),
+                         "v2": boot(clusters, _median_of("v2", name), k + 2),
+                         "cos": boot(clusters, _median_of("cos", name), k + 3),
+                         "lambda": boot(clusters, _median_of("lambda", name), k + 4)})
         rows.append({"regime": regime, "phase": "late / early", "n": None,
-                     "c": boot(clusters, _change("occ_grad_c", True), 100 * i + 50),
-                     "v2": boot(clusters, _change("occ_grad_v2", True), 100 * i + 51),
-                     "cos": boot(clusters, _change("occ_grad_cos", False), 100 * i + 52),
-                     "lambda": boot(clusters, _change("occ_grad_lambda", False), 100 * i + 53),
+                     "c": boot(clusters, _change("c", True), 100 * i + 50),
+                     "v2": boot(clusters, _change("v2", True), 100 * i + 51),
+                     "cos": boot(clusters, _change("cos", False), 100 * i + 52),
+                     "lambda": boot(clusters, _change("lambda", False), 100 * i + 53),
                      "c_positive": None})
     return rows
 
@@ -312,21 +322,19 @@ def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
     for i, regime in enumerate(regimes):
         clusters = diagnosed(updates, regime, steps)
         for j, name in enumerate((*PHASES, None)):
-            keep, k = in_phase(name), 1000 + 100 * i + 10 * j
-            pairs = [(r["occ_grad_proxy_lambda"], r["occ_grad_lambda"]) for c in clusters for r in c
-                     if keep(r) and r["occ_grad_proxy_lambda"] is not None]
-            if not pairs:
+            k = 1000 + 100 * i + 10 * j
+            if not clusters:
                 continue
-            lam = ("occ_grad_proxy_lambda", "occ_grad_lambda")
+            pooled = st.pool(clusters)
+            keep = _mask(pooled, name, "proxy", "lambda")
+            x, y = pooled["proxy"][keep], pooled["lambda"][keep]
             rows.append({
-                "regime": regime, "phase": name or "all", "n": len(pairs),
-                "spearman": boot(clusters, _pairs_statistic(*lam, st.spearman, keep), k),
-                "sign_agreement": st.sign_agreement(pairs), "chance": st.chance_agreement(pairs),
-                "above_chance": boot(clusters, _pairs_statistic(*lam, st.agreement_above_chance, keep), k + 1),
-                "numerator_c": boot(clusters, _pairs_statistic("occ_cross_sum", "occ_grad_c", st.spearman, keep),
-                                    k + 2),
-                "denominator_v2": boot(clusters, _pairs_statistic("occ_dmtp_sq_sum", "occ_grad_v2", st.spearman,
-                                                                  keep), k + 3),
+                "regime": regime, "phase": name or "all", "n": int(keep.sum()),
+                "spearman": boot(clusters, _between("proxy", "lambda", st.spearman, name), k),
+                "sign_agreement": st.sign_agreement(x, y), "chance": st.chance_agreement(x, y),
+                "above_chance": boot(clusters, _between("proxy", "lambda", st.agreement_above_chance, name), k + 1),
+                "numerator_c": boot(clusters, _between("numerator", "c", st.spearman, name), k + 2),
+                "denominator_v2": boot(clusters, _between("denominator", "v2", st.spearman, name), k + 3),
             })
     return rows
 
@@ -441,13 +449,16 @@ def claims_block(claims: list[dict]) -> str:
 
 
 def settings_block(study: dict, runs: dict) -> str:
-    s = study["settings"]
+    s, model = study["settings"], study.get("model") or {}
     n_runs = sum(len(seeds) for seeds in runs.values())
     wall = s.get("runs_wall_seconds") or 0.0
-    return (f"Regimes {', '.join(f'`{r}`' for r in s['regimes'])}; seeds {s['seeds']}; {s['steps']} steps of "
-            f"{s['batch']} prompts x {s['n']} samples, {s['algo']} policy loss, learning rate {s['lr']}, "
-            f"{s['sft_steps']} SFT warm-up steps; the `rl` regimes diagnosed on every {s['diagnose_every']}"
-            f"{'nd' if s['diagnose_every'] == 2 else 'th'} update. {n_runs} runs, "
+    size = (f"A MiMo-style model with {model['num_hidden_layers']} decoder layers of width {model['hidden_size']} "
+            f"and {model['num_nextn_predict_layers']} MTP head ({model['parameters']:,} parameters, vocabulary "
+            f"{model['vocab_size']}). " if model else "")
+    return (f"{size}Regimes {', '.join(f'`{r}`' for r in s['regimes'])}; seeds {s['seeds']}; {s['steps']} steps "
+            f"of {s['batch']} prompts x {s['n']} samples, {s['algo']} policy loss, learning rate {s['lr']}, after "
+            f"{s['sft_steps']} SFT warm-up steps; the `rl` regimes run the exact gradient diagnostics "
+            f"(`occ.diagnose_every={s['diagnose_every']}`). {n_runs} runs, "
             f"{wall / 3600:.2f} h of launcher time in all.\n")
 
 

@@ -71,19 +71,23 @@ def paired(differences: Sequence[float], alpha: float = ALPHA) -> dict:
     return {"n": n, "mean": mean, "ci": (mean - half, mean + half), "sd": sd, "mde": detectable_difference(sd, n)}
 
 
-def cluster_bootstrap(clusters: Sequence[Sequence], statistic: Callable[[list], Optional[float]], seed: int,
-                      draws: int = BOOTSTRAP_DRAWS, alpha: float = ALPHA) -> dict:
-    """``statistic`` of the pooled clusters (runs) and its percentile interval over ``draws`` resamples of whole
-    clusters with replacement: updates of one run are not independent, runs are."""
-    clusters = [list(c) for c in clusters if len(c)]
-    estimate = statistic([x for c in clusters for x in c]) if clusters else None
+def pool(clusters: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The clusters' columns concatenated."""
+    return {key: np.concatenate([c[key] for c in clusters]) for key in clusters[0]}
+
+
+def cluster_bootstrap(clusters: Sequence[dict[str, np.ndarray]], statistic: Callable[[dict], Optional[float]],
+                      seed: int, draws: int = BOOTSTRAP_DRAWS, alpha: float = ALPHA) -> dict:
+    """``statistic`` of the pooled clusters (runs: dicts of equally long columns) and its percentile interval over
+    ``draws`` resamples of whole clusters with replacement: updates of one run are not independent, runs are."""
+    clusters = [c for c in clusters if len(next(iter(c.values())))]
+    estimate = statistic(pool(clusters)) if clusters else None
     if estimate is None or len(clusters) < 2:
         return {"estimate": estimate, "ci": (None, None), "clusters": len(clusters)}
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(draws):
-        picked = rng.integers(0, len(clusters), len(clusters))
-        value = statistic([x for i in picked for x in clusters[i]])
+        value = statistic(pool([clusters[i] for i in rng.integers(0, len(clusters), len(clusters))]))
         if value is not None and math.isfinite(value):
             values.append(value)
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2]) if values else (None, None)
@@ -92,50 +96,40 @@ def cluster_bootstrap(clusters: Sequence[Sequence], statistic: Callable[[list], 
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), for Spearman's correlation."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):
-        tied = x == value
-        r[tied] = r[tied].mean()
-    return r
+    """Average ranks from 0 (ties share the mean of the ranks they span), for Spearman's correlation."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse]
 
 
-def spearman(pairs: list[tuple[float, float]]) -> Optional[float]:
-    """Spearman's rank correlation of (x, y) pairs; None below 3 pairs or without spread."""
-    if len(pairs) < 3:
+def spearman(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    """Spearman's rank correlation of paired values; None below 3 pairs or without spread."""
+    if len(x) < 3:
         return None
-    x, y = (np.asarray(v, float) for v in zip(*pairs, strict=True))
-    rx, ry = ranks(x), ranks(y)
+    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
     if rx.std() == 0 or ry.std() == 0:
         return None
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def sign_agreement(pairs: list[tuple[float, float]]) -> Optional[float]:
+def sign_agreement(x: np.ndarray, y: np.ndarray) -> Optional[float]:
     """Share of pairs whose two values have the same sign."""
-    if not pairs:
-        return None
-    x, y = (np.asarray(v, float) for v in zip(*pairs, strict=True))
-    return float(np.mean(np.sign(x) == np.sign(y)))
+    return float(np.mean(np.sign(x) == np.sign(y))) if len(x) else None
 
 
-def chance_agreement(pairs: list[tuple[float, float]]) -> Optional[float]:
+def chance_agreement(x: np.ndarray, y: np.ndarray) -> Optional[float]:
     """The sign agreement two independent values with these sign frequencies would reach by chance:
     ``P(x>0) P(y>0) + P(x<0) P(y<0) + P(x=0) P(y=0)`` (e.g. 0.82 when 90 % of each are positive)."""
-    if not pairs:
+    if not len(x):
         return None
-    x, y = (np.asarray(v, float) for v in zip(*pairs, strict=True))
-    return float(sum(np.mean(np.sign(x) == s) * np.mean(np.sign(y) == s) for s in (-1.0, 0.0, 1.0)))
+    sx, sy = np.sign(x), np.sign(y)
+    return float(sum(np.mean(sx == s) * np.mean(sy == s) for s in (-1.0, 0.0, 1.0)))
 
 
-def agreement_above_chance(pairs: list[tuple[float, float]]) -> Optional[float]:
+def agreement_above_chance(x: np.ndarray, y: np.ndarray) -> Optional[float]:
     """Sign agreement minus its chance rate: 0 when the signs are unrelated, > 0 when they go together."""
-    if not pairs:
-        return None
-    return sign_agreement(pairs) - chance_agreement(pairs)
+    return sign_agreement(x, y) - chance_agreement(x, y) if len(x) else None
 
 
-def median(values: list[float]) -> Optional[float]:
+def median(values: np.ndarray) -> Optional[float]:
     return float(np.median(values)) if len(values) else None

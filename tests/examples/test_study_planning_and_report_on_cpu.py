@@ -174,12 +174,12 @@ def test_statistics_match_tables_and_hand_computations():
     assert study_stats.seeds_needed(1.0, 1.2) == 8  # 7 pairs detect (2.447 + 0.906) / sqrt(7) = 1.27, 8 pairs 1.15
     exact, proxy = [1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]
     expected = np.corrcoef([0.0, 1.5, 1.5, 3.0], np.arange(4.0))[0, 1]  # ties share their average rank
-    assert study_stats.spearman(list(zip(exact, proxy))) == pytest.approx(expected)
-    assert study_stats.spearman([(1.0, 1.0), (1.0, 2.0), (1.0, 3.0)]) is None
-    pairs = [(1.0, 1.0)] * 81 + [(1.0, -1.0)] * 9 + [(-1.0, 1.0)] * 9 + [(-1.0, -1.0)]  # 90 % positive each
-    assert study_stats.sign_agreement(pairs) == pytest.approx(0.82)
-    assert study_stats.chance_agreement(pairs) == pytest.approx(0.9 * 0.9 + 0.1 * 0.1)
-    assert study_stats.agreement_above_chance(pairs) == pytest.approx(0.0)
+    assert study_stats.spearman(np.array(exact), np.array(proxy)) == pytest.approx(expected)
+    assert study_stats.spearman(np.ones(3), np.arange(3.0)) is None
+    pairs = np.array([(1.0, 1.0)] * 81 + [(1.0, -1.0)] * 9 + [(-1.0, 1.0)] * 9 + [(-1.0, -1.0)])  # 90 % positive
+    assert study_stats.sign_agreement(*pairs.T) == pytest.approx(0.82)
+    assert study_stats.chance_agreement(*pairs.T) == pytest.approx(0.9 * 0.9 + 0.1 * 0.1)
+    assert study_stats.agreement_above_chance(*pairs.T) == pytest.approx(0.0)
 
 
 def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
@@ -190,3 +190,10 @@ def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
     with open(log, "a") as f:
         f.write("\n===== verl PPO: b\nValueError: something else\n")  # a resumed launch failing otherwise
     assert not study.ray_failed_to_start(str(tmp_path))
+
+
+def test_the_wall_time_adds_up_over_calls(tmp_path):
+    assert study.wall_time(str(tmp_path)) == 0.0
+    study.add_wall_time(str(tmp_path), 10.5)
+    study.add_wall_time(str(tmp_path), 2.25)
+    assert study.wall_time(str(tmp_path)) == pytest.approx(12.8)  # rounded to 0.1 s at each call
