@@ -217,10 +217,10 @@ def add_wall_time(out: str, seconds: float) -> None:
 
 def export_finished(out: str, settings: StudySettings) -> str:
     """The record of the finished runs (:mod:`.study_data`) in ``<out>/data``, for the report."""
-    finished = [(name, seed) for name in settings.regimes for seed in settings.seeds
-                if is_finished(run_dir(out, name, seed), settings.steps)]
+    finished = {(name, seed): run_dir(out, name, seed) for name in settings.regimes for seed in settings.seeds
+                if is_finished(run_dir(out, name, seed), settings.steps)}
     record = {**asdict(settings), "runs_wall_seconds": wall_time(out)}
-    return study_data.export(out, record, finished, os.path.join(out, "data"))
+    return study_data.export(record, finished, os.path.join(out, "data"))
 
 
 def settings_from(args) -> StudySettings:

@@ -101,16 +101,35 @@ def _write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
                              for c in columns])
 
 
-def export(out: str, settings: dict, runs: list[tuple[str, int]], data_dir: str) -> str:
-    """Write the record of the finished ``runs`` (``(regime, seed)``, work dirs under ``out``) to ``data_dir``."""
+def run_metrics(workdir: str) -> dict[int, dict]:
+    """A run's step metrics: the launcher's merged file, or, for a launch stopped before it merged them, its
+    per-launch parts (without the exact-answer rate the merge adds)."""
+    merged = os.path.join(workdir, "metrics.jsonl")
+    if os.path.isfile(merged):
+        return mv.read_metrics(merged)
+    metrics: dict[int, dict] = {}
+    for part in run_dir.metrics_parts(workdir):
+        for step, data in mv.read_metrics(part).items():
+            metrics.setdefault(step, {}).update(data)
+    return metrics
+
+
+def _summary(workdir: str) -> dict:
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def export(settings: dict, runs: dict[tuple[str, int], str], data_dir: str) -> str:
+    """Write the record of ``runs`` (``(regime, seed) -> work dir``) to ``data_dir``."""
     os.makedirs(data_dir, exist_ok=True)
     steps, updates, seconds, model = [], [], {}, None
-    for regime, seed in runs:
-        workdir = os.path.join(out, regime, f"seed{seed}")
-        steps += step_rows(regime, seed, mv.read_metrics(os.path.join(workdir, "metrics.jsonl")))
+    for (regime, seed), workdir in runs.items():
+        steps += step_rows(regime, seed, run_metrics(workdir))
         updates += update_rows(regime, seed, mv.read_metrics(os.path.join(workdir, run_dir.UPDATE_METRICS)))
-        with open(os.path.join(workdir, "summary.json")) as f:
-            summary = json.load(f)
+        summary = _summary(workdir)
         seconds[f"{regime}/seed{seed}"] = summary.get("seconds")
         model = model or model_facts(summary.get("paths", {}).get("model"))
     _write_csv(os.path.join(data_dir, "steps.csv"), steps, [*KEYS, *STEP_COLUMNS])
@@ -163,3 +182,25 @@ def load(data_dir: str) -> tuple[dict, dict, dict]:
     for row in _read_csv(os.path.join(data_dir, "updates.csv")):
         updates.setdefault(row["regime"], {}).setdefault(row["seed"], []).append(row)
     return study, runs, updates
+
+
+def main(argv=None) -> int:
+    """Record launcher work dirs that are not a study's (the pilot runs), each as ``NAME=WORKDIR`` (seed 0)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m verl_mtp_example.study_data", description=main.__doc__)
+    ap.add_argument("--data", required=True, help="record directory to write")
+    ap.add_argument("runs", nargs="+", help="NAME=WORKDIR")
+    args = ap.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        name, sep, workdir = item.partition("=")
+        if not sep or not os.path.isdir(workdir):
+            raise SystemExit(f"[study_data] error: {item!r} is not NAME=WORKDIR with an existing work dir")
+        runs[(name, 0)] = os.path.abspath(workdir)
+    export({"regimes": [name for name, _ in runs], "seeds": [0]}, runs, args.data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

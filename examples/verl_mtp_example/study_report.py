@@ -8,6 +8,8 @@ It writes ``report.md`` (every block below), ``results.json`` (the same numbers 
 Blocks:
 
 * ``settings``: what was run and how long it took;
+* ``pilot`` (when the record has a ``pilot/`` record of single launches): how the learning rate and the larger
+  coefficient were chosen;
 * ``table``: per regime, reward over the first and the last window of steps (:func:`window`), exact-answer
   rate and head-1 top-1 agreement over the last window, and the paired difference of the last-window reward to
   ``detach`` (same seed) with its t interval and minimum detectable difference;
@@ -213,6 +215,42 @@ def power_block(plan: Optional[dict], seeds: int, observed: Optional[float]) -> 
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------- pilot
+
+PILOT_WINDOW = 5
+
+
+def pilot_rows(pilot_dir: str) -> list[dict]:
+    """Per pilot run (a record of single launches, ``pilot/`` in the study's record): where its reward started,
+    its best, lowest and last 5-step mean, the largest step's policy change (``actor/ppo_kl``), and for an ``rl``
+    run the spread of the exact lambda* = c / v^2 it measured."""
+    study, runs, updates = study_data.load(pilot_dir)
+    rows = []
+    for name in study["settings"]["regimes"]:
+        run = runs[name][0]
+        reward = [v for _, v in sorted(series(run, mv.REWARD).items())]
+        rolling = np.convolve(reward, np.ones(PILOT_WINDOW) / PILOT_WINDOW, mode="valid")
+        lam = np.array([r["occ_grad_lambda"] for r in updates.get(name, {}).get(0, [])
+                        if r["occ_grad_lambda"] is not None])
+        rows.append({"run": name, "steps": len(reward), "first": float(rolling[0]), "best": float(rolling.max()),
+                     "lowest": float(rolling.min()), "last": float(rolling[-1]), "ppo_kl": max(series(run, study_data.STEP_COLUMNS["ppo_kl"]).values()),
+                     "lambda": [float(q) for q in np.quantile(lam, [0.25, 0.5, 0.75])] if len(lam) else None})
+    return rows
+
+
+def pilot_block(rows: list[dict]) -> str:
+    lines = [f"| pilot run (seed 0) | steps | reward, first {PILOT_WINDOW} | best {PILOT_WINDOW}-step mean | "
+             f"lowest | last {PILOT_WINDOW} | largest step KL (actor/ppo_kl) | exact lambda* = c / v^2: median "
+             "[quartiles] |",
+             "|" + "---|" * 8]
+    for r in rows:
+        lam = "-" if r["lambda"] is None else f"{r['lambda'][1]:.2f} [{r['lambda'][0]:.2f}, {r['lambda'][2]:.2f}]"
+        lines.append(f"| {r['run']} | {r['steps']} | {r['first']:.3f} | {r['best']:.3f} | {r['lowest']:.3f} | "
+                     f"{r['last']:.3f} | "
+                     f"{r['ppo_kl']:.3f} | {lam} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- per update
 
 
@@ -271,31 +309,27 @@ def _between(x: str, y: str, measure: Callable, name: Optional[str]) -> Callable
     return statistic
 
 
-def boot(clusters, statistic, offset: int) -> dict:
-    return st.cluster_bootstrap(clusters, statistic, seed=BOOTSTRAP_SEED + offset)
-
-
 def decomposition(updates: dict, regimes: list[str], steps: int) -> list[dict]:
+    """Per regime and phase, the medians of the exact statistics (and the share of c > 0); then the late third
+    against the early one."""
     rows = []
     for i, regime in enumerate(regimes):
         clusters = diagnosed(updates, regime, steps)
         if not clusters:
             continue
-        for j, name in enumerate((*PHASES, None)):
-            k = 100 * i + 10 * j
+        statistics = {}
+        for name in (*PHASES, None):
+            statistics.update({(name, key): _median_of(key, name) for key in ("c", "v2", "cos", "lambda")})
+            statistics[(name, "c_positive")] = _share_positive("c", name)
+        statistics.update({("late / early", key): _change(key, key in ("c", "v2"))
+                           for key in ("c", "v2", "cos", "lambda")})
+        found = st.cluster_bootstrap(clusters, statistics, seed=BOOTSTRAP_SEED + i)
+        for name in (*PHASES, None):
             rows.append({"regime": regime, "phase": name or "all",
                          "n": int(sum(_mask(c, name, "c").sum() for c in clusters)),
-                         "c": boot(clusters, _median_of("c", name), k),
-                         "c_positive": boot(clusters, _share_positive("c", name), k + 1),
-                         "v2": boot(clusters, _median_of("v2", name), k + 2),
-                         "cos": boot(clusters, _median_of("cos", name), k + 3),
-                         "lambda": boot(clusters, _median_of("lambda", name), k + 4)})
-        rows.append({"regime": regime, "phase": "late / early", "n": None,
-                     "c": boot(clusters, _change("c", True), 100 * i + 50),
-                     "v2": boot(clusters, _change("v2", True), 100 * i + 51),
-                     "cos": boot(clusters, _change("cos", False), 100 * i + 52),
-                     "lambda": boot(clusters, _change("lambda", False), 100 * i + 53),
-                     "c_positive": None})
+                         **{key: found[(name, key)] for key in ("c", "c_positive", "v2", "cos", "lambda")}})
+        rows.append({"regime": regime, "phase": "late / early", "n": None, "c_positive": None,
+                     **{key: found[("late / early", key)] for key in ("c", "v2", "cos", "lambda")}})
     return rows
 
 
@@ -318,24 +352,28 @@ def decomposition_block(rows: list[dict]) -> str:
 
 
 def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
+    """Per regime and phase: the proxy's lambda against the exact one (rank correlation, sign agreement against
+    its chance rate), its numerator against c and its denominator against v^2, update by update."""
     rows = []
     for i, regime in enumerate(regimes):
         clusters = diagnosed(updates, regime, steps)
-        for j, name in enumerate((*PHASES, None)):
-            k = 1000 + 100 * i + 10 * j
-            if not clusters:
-                continue
-            pooled = st.pool(clusters)
+        if not clusters:
+            continue
+        statistics = {}
+        for name in (*PHASES, None):
+            statistics.update({(name, "spearman"): _between("proxy", "lambda", st.spearman, name),
+                               (name, "above_chance"): _between("proxy", "lambda", st.agreement_above_chance, name),
+                               (name, "numerator_c"): _between("numerator", "c", st.spearman, name),
+                               (name, "denominator_v2"): _between("denominator", "v2", st.spearman, name)})
+        found = st.cluster_bootstrap(clusters, statistics, seed=BOOTSTRAP_SEED + 100 + i)
+        pooled = st.pool(clusters)
+        for name in (*PHASES, None):
             keep = _mask(pooled, name, "proxy", "lambda")
             x, y = pooled["proxy"][keep], pooled["lambda"][keep]
-            rows.append({
-                "regime": regime, "phase": name or "all", "n": int(keep.sum()),
-                "spearman": boot(clusters, _between("proxy", "lambda", st.spearman, name), k),
-                "sign_agreement": st.sign_agreement(x, y), "chance": st.chance_agreement(x, y),
-                "above_chance": boot(clusters, _between("proxy", "lambda", st.agreement_above_chance, name), k + 1),
-                "numerator_c": boot(clusters, _between("numerator", "c", st.spearman, name), k + 2),
-                "denominator_v2": boot(clusters, _between("denominator", "v2", st.spearman, name), k + 3),
-            })
+            rows.append({"regime": regime, "phase": name or "all", "n": int(keep.sum()),
+                         "sign_agreement": st.sign_agreement(x, y), "chance": st.chance_agreement(x, y),
+                         **{key: found[(name, key)] for key in ("spearman", "above_chance", "numerator_c",
+                                                                "denominator_v2")}})
     return rows
 
 
@@ -521,11 +559,14 @@ def write_report(data_dir: str, out: str, doc: Optional[str] = None) -> dict:
 
     study, runs, updates = study_data.load(data_dir)
     blocks, results = blocks_of(study, runs, updates, planning(os.path.join(data_dir, "planning.json")))
+    if os.path.isdir(os.path.join(data_dir, "pilot")):
+        results["pilot"] = pilot_rows(os.path.join(data_dir, "pilot"))
+        blocks["pilot"] = pilot_block(results["pilot"])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(blocks))
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, allow_nan=False)
     figures = study_figures.draw_all(out, runs, updates, study["settings"]["steps"])
     if doc:
         unknown = fill_doc(doc, blocks)
