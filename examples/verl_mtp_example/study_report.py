@@ -158,8 +158,9 @@ def learning(runs: dict, steps: int, n: int) -> dict:
     quarters = []
     for q in range(4):
         lo, hi = q * steps / 4, (q + 1) * steps / 4
-        per_seed = [np.mean([v for s, v in series(r, mv.REWARD).items() if lo < s <= hi]) for r in detach.values()]
-        quarters.append(float(np.mean(per_seed)) if per_seed else None)
+        per_seed = [[v for s, v in series(r, mv.REWARD).items() if lo < s <= hi] for r in detach.values()]
+        means = [np.mean(values) for values in per_seed if values]
+        quarters.append(float(np.mean(means)) if means else None)
     return {"rise": rise, "step_noise": noise, "quarters": quarters}
 
 
@@ -364,6 +365,8 @@ def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
             statistics.update({(name, "spearman"): _between("proxy", "lambda", st.spearman, name),
                                (name, "above_chance"): _between("proxy", "lambda", st.agreement_above_chance, name),
                                (name, "numerator_c"): _between("numerator", "c", st.spearman, name),
+                               (name, "numerator_sign"): _between("numerator", "c", st.agreement_above_chance, name),
+                               (name, "median_proxy"): _median_of("proxy", name),
                                (name, "denominator_v2"): _between("denominator", "v2", st.spearman, name)})
         found = st.cluster_bootstrap(clusters, statistics, seed=BOOTSTRAP_SEED + 100 + i)
         pooled = st.pool(clusters)
@@ -372,20 +375,21 @@ def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
             x, y = pooled["proxy"][keep], pooled["lambda"][keep]
             rows.append({"regime": regime, "phase": name or "all", "n": int(keep.sum()),
                          "sign_agreement": st.sign_agreement(x, y), "chance": st.chance_agreement(x, y),
-                         **{key: found[(name, key)] for key in ("spearman", "above_chance", "numerator_c",
-                                                                "denominator_v2")}})
+                         **{key: found[(name, key)] for key in ("median_proxy", "spearman", "above_chance",
+                                                                "numerator_c", "numerator_sign", "denominator_v2")}})
     return rows
 
 
 def proxy_block(rows: list[dict]) -> str:
-    lines = ["| regime | phase | updates | Spearman(proxy lambda, exact lambda) [95% CI] | same sign | by chance | "
-             "same sign - chance [95% CI] | Spearman(proxy numerator, c) | Spearman(proxy denominator, v^2) |",
-             "|" + "---|" * 9]
+    lines = ["| regime | phase | updates | median proxy lambda | Spearman(proxy, exact lambda) [95% CI] | same sign | "
+             "by chance | same sign - chance [95% CI] | Spearman(proxy numerator, c) | numerator same sign as c - "
+             "chance | Spearman(proxy denominator, v^2) |",
+             "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['phase']} | {r['n']} | {_b(r['spearman'], '.2f')} | "
-                     f"{fmt(r['sign_agreement'], '.2f')} | {fmt(r['chance'], '.2f')} | "
+        lines.append(f"| {r['regime']} | {r['phase']} | {r['n']} | {_b(r['median_proxy'])} | "
+                     f"{_b(r['spearman'], '.2f')} | {fmt(r['sign_agreement'], '.2f')} | {fmt(r['chance'], '.2f')} | "
                      f"{_b(r['above_chance'], '+.2f')} | {_b(r['numerator_c'], '.2f')} | "
-                     f"{_b(r['denominator_v2'], '.2f')} |")
+                     f"{_b(r['numerator_sign'], '+.2f')} | {_b(r['denominator_v2'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -197,3 +197,12 @@ def test_the_wall_time_adds_up_over_calls(tmp_path):
     study.add_wall_time(str(tmp_path), 10.5)
     study.add_wall_time(str(tmp_path), 2.25)
     assert study.wall_time(str(tmp_path)) == pytest.approx(12.8)  # rounded to 0.1 s at each call
+
+
+def test_a_two_step_study_reports_what_is_defined(tmp_path):
+    """The CI form's length: too short for a step-noise estimate or every quarter of training, which stay
+    undefined (None in results.json, '-' in the tables) instead of NaN."""
+    settings, _ = _synthetic_study(tmp_path / "study", np.random.default_rng(2), steps=2)
+    report = study_report.write_report(study.export_finished(str(tmp_path / "study"), settings), str(tmp_path))
+    assert report["results"]["learning"]["quarters"][0] is None
+    assert report["results"]["learning"]["step_noise"][0] is None
