@@ -197,7 +197,10 @@ def observed_spread(rows: list[dict]) -> Optional[float]:
     return math.sqrt(float(np.mean([sd ** 2 for sd in sds]))) if sds else None
 
 
-def power_block(plan: Optional[dict], seeds: int, observed: Optional[float]) -> str:
+PAPER_DETACH, PAPER_CE = 58.9, 47.7  # the paper's avg@32 on MiMo-7B: detach, CE into the trunk
+
+
+def power_block(plan: Optional[dict], seeds: int, observed: Optional[float], detach_last: Optional[float]) -> str:
     lines = []
     if plan:
         spreads = ", ".join(f"{r} {sd:.3f}" for r, sd in plan["paired_sd"].items())
@@ -210,6 +213,10 @@ def power_block(plan: Optional[dict], seeds: int, observed: Optional[float]) -> 
                   + " | ".join(f"{m:.3f}" for m in plan["mde"].values()) + " |", ""]
         if seeds in plan["mde"]:
             lines.append(f"Planned with {seeds} seeds: detectable difference {plan['mde'][seeds]:.3f}.")
+    relative = (PAPER_CE - PAPER_DETACH) / PAPER_DETACH
+    if detach_last is not None:
+        lines.append(f"The paper's CE effect relative to detach ({PAPER_CE} vs {PAPER_DETACH}) is {relative:+.1%}; "
+                     f"at detach's last-window reward here ({detach_last:.3f}) that is {relative * detach_last:+.3f}.")
     if observed is not None:
         lines.append(f"Observed here: pooled sd of the paired differences {observed:.4f}, so {seeds} seeds detect "
                      f"{st.detectable_difference(observed, seeds):.3f}.")
@@ -500,8 +507,20 @@ def settings_block(study: dict, runs: dict) -> str:
     return (f"{size}Regimes {', '.join(f'`{r}`' for r in s['regimes'])}; seeds {s['seeds']}; {s['steps']} steps "
             f"of {s['batch']} prompts x {s['n']} samples, {s['algo']} policy loss, learning rate {s['lr']}, after "
             f"{s['sft_steps']} SFT warm-up steps; the `rl` regimes run the exact gradient diagnostics "
-            f"(`occ.diagnose_every={s['diagnose_every']}`). {n_runs} runs, "
-            f"{wall / 3600:.2f} h of launcher time in all.\n")
+            f"(`occ.diagnose_every={s['diagnose_every']}`). {n_runs} runs, {wall / 3600:.2f} h of launcher time in "
+            f"all on the shared machine; at the fastest run of each regime (the least disturbed by other work) the "
+            f"study takes {unloaded_hours(study):.2f} h.\n")
+
+
+def unloaded_hours(study: dict) -> float:
+    """The study's length if every run took as long as its regime's fastest run: an estimate for a quiet
+    machine from a shared one, where other jobs slow some runs down."""
+    fastest: dict[str, float] = {}
+    for key, seconds in study.get("run_seconds", {}).items():
+        if seconds:
+            regime = key.rsplit("/", 1)[0]
+            fastest[regime] = min(fastest.get(regime, math.inf), seconds["total"])
+    return sum(fastest.values()) * len(study["settings"]["seeds"]) / 3600
 
 
 def blocks_of(study: dict, runs: dict, updates: dict, plan: Optional[dict]) -> tuple[dict, dict]:
@@ -516,7 +535,8 @@ def blocks_of(study: dict, runs: dict, updates: dict, plan: Optional[dict]) -> t
     proxy = proxy_rows(updates, rl, steps)
     claims = reward_claims(runs, regimes, n) + gradient_claims(decomposition_rows, proxy)
     blocks = {"settings": settings_block(study, runs), "table": table_block(rows, n),
-              "power": power_block(plan, len(s["seeds"]), observed_spread(rows)),
+              "power": power_block(plan, len(s["seeds"]), observed_spread(rows),
+                                   next((r["reward_last"][0] for r in rows if r["regime"] == "detach"), None)),
               "decomposition": decomposition_block(decomposition_rows), "proxy": proxy_block(proxy),
               "claims": claims_block(claims)}
     if learned:
