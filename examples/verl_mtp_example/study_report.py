@@ -372,7 +372,6 @@ def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
             statistics.update({(name, "spearman"): _between("proxy", "lambda", st.spearman, name),
                                (name, "above_chance"): _between("proxy", "lambda", st.agreement_above_chance, name),
                                (name, "numerator_c"): _between("numerator", "c", st.spearman, name),
-                               (name, "numerator_sign"): _between("numerator", "c", st.agreement_above_chance, name),
                                (name, "median_proxy"): _median_of("proxy", name),
                                (name, "denominator_v2"): _between("denominator", "v2", st.spearman, name)})
         found = st.cluster_bootstrap(clusters, statistics, seed=BOOTSTRAP_SEED + 100 + i)
@@ -383,21 +382,22 @@ def proxy_rows(updates: dict, regimes: list[str], steps: int) -> list[dict]:
             rows.append({"regime": regime, "phase": name or "all", "n": int(keep.sum()),
                          "sign_agreement": st.sign_agreement(x, y), "chance": st.chance_agreement(x, y),
                          **{key: found[(name, key)] for key in ("median_proxy", "spearman", "above_chance",
-                                                                "numerator_c", "numerator_sign", "denominator_v2")}})
+                                                                "numerator_c", "denominator_v2")}})
     return rows
 
 
 def proxy_block(rows: list[dict]) -> str:
     lines = ["| regime | phase | updates | median proxy lambda | Spearman(proxy, exact lambda) [95% CI] | same sign | "
-             "by chance | same sign - chance [95% CI] | Spearman(proxy numerator, c) | numerator same sign as c - "
-             "chance | Spearman(proxy denominator, v^2) |",
-             "|" + "---|" * 11]
+             "by chance | same sign - chance [95% CI] | Spearman(proxy numerator, c) | Spearman(proxy denominator, "
+             "v^2) |",
+             "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['regime']} | {r['phase']} | {r['n']} | {_b(r['median_proxy'])} | "
                      f"{_b(r['spearman'], '.2f')} | {fmt(r['sign_agreement'], '.2f')} | {fmt(r['chance'], '.2f')} | "
                      f"{_b(r['above_chance'], '+.2f')} | {_b(r['numerator_c'], '.2f')} | "
-                     f"{_b(r['numerator_sign'], '+.2f')} | {_b(r['denominator_v2'], '.2f')} |")
-    return "\n".join(lines) + "\n"
+                     f"{_b(r['denominator_v2'], '.2f')} |")
+    return ("\n".join(lines) + "\n\nBoth denominators are positive, so the sign columns also compare the proxy's "
+            "numerator with c. `by chance`: the agreement two unrelated values with these sign frequencies reach.\n")
 
 
 # ---------------------------------------------------------------------------------------------- claims
