@@ -123,13 +123,15 @@ def _paired_cell(p: Optional[dict]) -> str:
 def table_block(rows: list[dict], n: int) -> str:
     lines = [f"| regime | seeds | steps | reward, first {n} | reward, last {n} | exact, last {n} | "
              f"top-1 agreement, last {n} | last-{n} reward - detach, paired [95% CI] | detectable difference | "
-             "s/step |",
-             "|" + "---|" * 10]
+             "seeds below detach | s/step |",
+             "|" + "---|" * 11]
     for r in rows:
-        mde = r["minus_detach"]["mde"] if r["minus_detach"] else None
+        paired = r["minus_detach"] or {}
+        below = f"{paired['below']} of {paired['n']}" if paired.get("n", 0) > 1 else "-"
         lines.append(f"| {r['regime']} | {r['seeds']} | {r['steps']} | {_ms(r['reward_first'])} | "
                      f"{_ms(r['reward_last'])} | {_ms(r['exact_last'])} | {_ms(r['top1_last'])} | "
-                     f"{_paired_cell(r['minus_detach'])} | {fmt(mde)} | {_ms(r['seconds_per_step'], '.1f')} |")
+                     f"{_paired_cell(r['minus_detach'])} | {fmt(paired.get('mde'))} | {below} | "
+                     f"{_ms(r['seconds_per_step'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,8 @@ def seeds_needed(sd: float, effect: float, alpha: float = ALPHA, power: float = 
 
 
 def paired(differences: Sequence[float], alpha: float = ALPHA) -> dict:
-    """Mean of per-seed differences, its two-sided t interval, the spread and the detectable difference."""
+    """Mean of per-seed differences, its two-sided t interval, the spread, the detectable difference and how many
+    differences are negative (a collapse in some seeds only makes the t interval wide, not the count)."""
     d = np.asarray(differences, float)
     n = len(d)
     if n == 0:
@@ -68,7 +69,8 @@ def paired(differences: Sequence[float], alpha: float = ALPHA) -> dict:
         return {"n": 1, "mean": mean, "ci": (None, None), "sd": None, "mde": None}
     sd = float(d.std(ddof=1))
     half = t_quantile(1 - alpha / 2, n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci": (mean - half, mean + half), "sd": sd, "mde": detectable_difference(sd, n)}
+    return {"n": n, "mean": mean, "ci": (mean - half, mean + half), "sd": sd, "mde": detectable_difference(sd, n),
+            "below": int(np.sum(d < 0))}
 
 
 def pool(clusters: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
