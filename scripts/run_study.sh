@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The regime study (python -m verl_mtp_example.study): detach, ce, rl with fixed coefficients 0.1 and 1.0, and
-# rl + OCC, over 3 seeds on the local example, from one shared SFT warm-up; resumable (run it again to continue).
-# Writes <out>/table.md, results.json, reward.png, decomposition.png, lambda_scatter.png (docs/results.md).
+# The regime study (python -m verl_mtp_example.study): the stress study of docs/results.md by default -- detach, ce
+# and rl at fixed coefficients 1 and 10, and rl + OCC, 5 seeds x 60 steps on the local example, from one shared
+# SFT warm-up; resumable (run it again to continue). Writes the record <out>/data (steps.csv, updates.csv,
+# study.json) and, from it alone, <out>/report.md, results.json, reward.png, decomposition.png, lambda_scatter.png.
 #
-#   bash scripts/run_study.sh                                   # the full study -> runs/study
+#   bash scripts/run_study.sh                                   # the stress study -> runs/study
 #   bash scripts/run_study.sh --reduced --out runs/study_ci     # 2 regimes, 1 seed, 2 steps
 #   bash scripts/run_study.sh --seeds 0 --regimes detach rl_occ --steps 8
+#   bash scripts/run_study.sh --report-only --data docs/results/data --out docs/results --doc docs/results.md
 #
 # Arguments go to the study (see `python -m verl_mtp_example.study --help`). Sets up .venv first.
 set -euo pipefail

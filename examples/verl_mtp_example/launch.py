@@ -30,7 +30,9 @@ Stages (each cached, so a second launch with the same settings starts training a
              trained (the reference for "detach leaves the trunk alone")
    ========  =====================================================================================
 
-   verl's file logger writes every step's metrics to ``<workdir>/metrics.jsonl``; the launcher prints one
+   verl's file logger writes every step's metrics to ``<workdir>/metrics.jsonl`` (with ``--record-updates``
+   also each update's ``actor/mtp_*`` values to ``<workdir>/updates.jsonl``, :mod:`.update_metrics`); the
+   launcher prints one
    line per step (reward, exact-answer rate, lambda and top-1 agreement per head, MTP loss, policy loss,
    step time) and draws ``<workdir>/curves.png`` at the end. verl's full output is in
    ``<workdir>/train.log``, the exact trainer command in ``<workdir>/command.txt``.
@@ -75,7 +77,7 @@ from dataclasses import dataclass, field
 
 from verl_cpu.environment import ROLLOUT_WEIGHTS_DIR, cpu_child_env, cpu_process_env
 from verl_mtp_example import metrics_view as mv
-from verl_mtp_example import run_dir
+from verl_mtp_example import run_dir, update_metrics
 from verl_mtp_example.preparation import PreparationError, SftSettings, prepare
 from verl_mtp_example.progress import StepPrinter, log
 from verl_mtp_example.trainer_command import ALGOS, MODES, mini_batch, trainer_command
@@ -125,6 +127,9 @@ def prepare_run(args) -> Run:
     run = Run(workdir=workdir, log_file=os.path.join(workdir, "train.log"), env=trainer_env())
     if args.dump_rollout_weights:
         run.env[ROLLOUT_WEIGHTS_DIR] = os.path.join(workdir, "rollout_weights")
+    if args.record_updates:
+        run.env[update_metrics.UPDATE_METRICS_FILE] = os.path.join(workdir, run_dir.UPDATE_METRICS)
+        run.env["VERL_USE_EXTERNAL_MODULES"] += f",{update_metrics.MODULE}"
     prep_dir = os.path.abspath(args.prep_dir or os.path.join(workdir, "prep"))
     t0 = time.time()
     run.paths = prepare(prep_dir, args.mtp_layers, args.seed, SftSettings(args.sft_steps, args.sft_lr, args.sft_batch),
@@ -283,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dump-rollout-weights", action="store_true",
                     help="each rollout replica writes the weights it serves after every sync to "
                          "<workdir>/rollout_weights/")
+    ap.add_argument("--record-updates", action="store_true",
+                    help="also write every mini-batch update's actor/mtp_* metrics (verl logs their step mean) to "
+                         "<workdir>/updates.jsonl")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the trainer is stopped")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the trainer (after --)")
     return ap

@@ -2,7 +2,8 @@
 
 ``metrics.partN.jsonl`` is verl's file-logger output of the N-th launch in the directory (a resumed run is a
 second launch), merged into ``metrics.jsonl``; ``checkpoints/`` is verl's ``trainer.default_local_dir``,
-``rollouts/`` its ``trainer.rollout_data_dir``.
+``rollouts/`` its ``trainer.rollout_data_dir``; ``updates.jsonl`` holds every update's ``actor/mtp_*`` values of
+all launches (``--record-updates``; a resumed launch's later line for a step replaces the earlier one).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import re
 import shutil
 from typing import Optional
 
-RUN_FILES = ("checkpoints", "rollouts", "rollout_weights", "metrics.jsonl", "curves.png", "summary.json",
-             "command.txt", "train.log")
+UPDATE_METRICS = "updates.jsonl"  # every update's actor/mtp_* values (launcher --record-updates)
+RUN_FILES = ("checkpoints", "rollouts", "rollout_weights", "metrics.jsonl", UPDATE_METRICS, "curves.png",
+             "summary.json", "command.txt", "train.log")
 # verl's checkpoint manager writes the number of the last complete checkpoint here (trainer.default_local_dir)
 LATEST_STEP_FILE = "latest_checkpointed_iteration.txt"
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")

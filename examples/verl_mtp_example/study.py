@@ -1,10 +1,12 @@
-"""The regime study: every MTP regime over several seeds on the local example, then one table and three figures.
+"""The regime study: MTP regimes over several seeds on the local example, then its record, report and figures.
 
 ::
 
-    python -m verl_mtp_example.study --out runs/study                 # 5 regimes x 3 seeds (about an hour here)
+    python -m verl_mtp_example.study --out runs/study                 # the stress study of docs/results.md
     python -m verl_mtp_example.study --out runs/study --reduced       # detach + rl_occ, 1 seed, 2 steps (CI)
-    python -m verl_mtp_example.study --out runs/study --report-only   # table and figures of what has finished
+    python -m verl_mtp_example.study --out runs/study --report-only   # the report of what has finished
+    python -m verl_mtp_example.study --report-only --data docs/results/data --out docs/results \
+        --doc docs/results.md                                         # the published report, from the repository
 
 Each (regime, seed) is one launch of the main job (:mod:`.launch`) in ``<out>/<regime>/seed<s>``; the study is
 resumable: a finished run is kept, an interrupted one continues from its last checkpoint (``--save-freq``),
@@ -13,10 +15,11 @@ of mixing runs. All runs start from the same SFT warm-up (``--prep-dir``, built 
 RL run (data order, rollout sampling, Megatron's seed), not the starting model, so regimes are compared from
 one start and the seed spread is the RL noise alone.
 
-The ``rl`` regimes log the exact-gradient diagnostics (``occ.diagnose_every``, docs/mtp_rl.md section 3) so
-the report can set ``c = <g_RL, g_MTP>`` and ``v^2 = ||g_MTP||^2`` over training, and the proxy's lambda
-against the exact one of the same updates. :mod:`.study_report` writes ``table.md``, ``results.json`` and
-the PNGs.
+The ``rl`` regimes log the exact-gradient diagnostics (``occ.diagnose_every``, docs/mtp_rl.md section 3), and
+every launch records each mini-batch update's MTP metrics (``--record-updates``), so the report can set
+``c = <g_RL, g_MTP>`` and ``v^2 = ||g_MTP||^2`` against the proxy's numerator and denominator update by update.
+The finished runs go into the compact record ``<out>/data`` (:mod:`.study_data`), and :mod:`.study_report`
+writes the report from the record alone.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from verl_mtp_example import study_figures, study_report
+from verl_mtp_example import study_data, study_figures, study_report
 from verl_mtp_example.modes import MODES
 
 MTP = "actor_rollout_ref.model.mtp"
@@ -41,7 +44,8 @@ def log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Regime:
-    """One column of the study: a launcher ``--mode`` and, for a fixed ``rl`` coefficient, its value."""
+    """One column of the study: a launcher ``--mode`` and, for a fixed coefficient, its value (``--mtp-coef``: the
+    cross-entropy weight of ``ce``, the policy-loss coefficient of ``rl``)."""
 
     name: str
     mode: str
@@ -53,7 +57,7 @@ class Regime:
 
 
 # --mtp-coef values a mode runs at, one column each (None: the mode's default); a mode not listed runs once
-FIXED_COEFFICIENTS = {"rl": (0.1, 1.0)}
+FIXED_COEFFICIENTS = {"ce": (None, 1.0, 3.0, 10.0), "rl": (0.1, 1.0, 3.0, 10.0)}
 
 
 def _columns(mode) -> list[Regime]:
@@ -65,19 +69,26 @@ def _columns(mode) -> list[Regime]:
 REGIMES = {r.name: r for mode in MODES.values() if mode.regime is not None for r in _columns(mode)}
 
 
+STRESS_REGIMES = ["detach", "ce_1.0", "ce_10.0", "rl_1.0", "rl_10.0", "rl_occ"]
+
+
 @dataclass
 class StudySettings:
-    """What every run of the study shares; recorded in ``study.json``."""
+    """What every run of the study shares; recorded in ``study.json``. The defaults are the stress study of
+    docs/results.md: fixed coefficients of 1 and 10 (the pilot's exact lambda* had a median near 0.6, so 10 puts
+    the second-order term far in front), a learning rate at which ``detach`` learns steadily and approaches a
+    plateau within the run (1e-3 rose, then collapsed), and the seeds of the power calculation there."""
 
-    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 16
+    regimes: list[str] = field(default_factory=lambda: list(STRESS_REGIMES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    steps: int = 60
     batch: int = 16
     n: int = 8
     algo: str = "dapo"
     diagnose_every: int = 2
     sft_steps: int = 100
-    save_freq: int = 8
+    save_freq: int = 20
+    lr: float = 3e-4
 
     @classmethod
     def reduced(cls) -> "StudySettings":
@@ -107,7 +118,8 @@ def launcher_argv(settings: StudySettings, regime: Regime, seed: int, workdir: s
     """The main job's switches for one run; the seed reaches the RL run only (see the module docstring)."""
     argv = ["--mode", regime.mode, "--algo", settings.algo, "--steps", str(settings.steps), "--seed", "0",
             "--batch", str(settings.batch), "--n", str(settings.n), "--sft-steps", str(settings.sft_steps),
-            "--save-freq", str(settings.save_freq), "--workdir", workdir, "--prep-dir", prep_dir]
+            "--lr", str(settings.lr), "--save-freq", str(settings.save_freq), "--workdir", workdir,
+            "--prep-dir", prep_dir, "--record-updates"]
     if regime.coef is not None:
         argv += ["--mtp-coef", str(regime.coef)]
     if has_checkpoint(workdir):
@@ -142,6 +154,7 @@ def pending_runs(out: str, settings: StudySettings) -> list[tuple[Regime, int]]:
             if not is_finished(run_dir(out, name, seed), settings.steps)]
 
 
+WALL_TIME_FILE = "wall_time.json"
 RAY_START_TIMEOUT = "The current node timed out during startup"  # Ray's fixed 30 s wait, hit under load
 START_ATTEMPTS = 3
 
@@ -179,22 +192,57 @@ def run_all(out: str, settings: StudySettings, prep_dir: str) -> list[str]:
         workdir = run_dir(out, regime.name, seed)
         eta = "" if i == 1 else f", about {(time.time() - t0) / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left"
         log(f"run {i}/{len(todo)}: {regime.name} seed {seed}{eta}")
+        t_run = time.time()
         if not launch_with_retries(settings, regime, seed, workdir, prep_dir):
             failed.append(f"{regime.name} seed {seed} (see {workdir}/train.log)")
+        add_wall_time(out, time.time() - t_run)
     log(f"runs done in {(time.time() - t0) / 60:.1f} min" + (f"; failed: {failed}" if failed else ""))
     return failed
 
 
+def wall_time(out: str) -> float:
+    """Seconds the study's launches took in all, over every call that continued it."""
+    path = os.path.join(out, WALL_TIME_FILE)
+    if not os.path.isfile(path):
+        return 0.0
+    with open(path) as f:
+        return json.load(f)["runs_wall_seconds"]
+
+
+def add_wall_time(out: str, seconds: float) -> None:
+    total = round(wall_time(out) + seconds, 1)
+    with open(os.path.join(out, WALL_TIME_FILE), "w") as f:
+        json.dump({"runs_wall_seconds": total}, f)
+
+
+def export_finished(out: str, settings: StudySettings) -> str:
+    """The record of the finished runs (:mod:`.study_data`) in ``<out>/data``, for the report."""
+    finished = {(name, seed): run_dir(out, name, seed) for name in settings.regimes for seed in settings.seeds
+                if is_finished(run_dir(out, name, seed), settings.steps)}
+    record = {**asdict(settings), "runs_wall_seconds": wall_time(out)}
+    return study_data.export(record, finished, os.path.join(out, "data"))
+
+
 def settings_from(args) -> StudySettings:
     settings = StudySettings.reduced() if args.reduced else StudySettings()
-    for name in ("regimes", "seeds", "steps", "batch", "n", "algo", "diagnose_every"):
+    for name in ("regimes", "seeds", "steps", "batch", "n", "algo", "diagnose_every", "lr"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     unknown = [r for r in settings.regimes if r not in REGIMES]
     if unknown:
         raise SystemExit(f"[study] error: --regimes {unknown} unknown; choose from {list(REGIMES)}")
+    check_diagnosis_fits(settings)
     return settings
+
+
+def check_diagnosis_fits(settings: StudySettings) -> None:
+    """The per-update record pairs each diagnosed update with its proxy values by its place in the step, which
+    needs a whole number of diagnosed updates per step (the launcher makes 4 mini-batch updates per step)."""
+    updates = settings.batch // max(1, settings.batch // 4)
+    if settings.diagnose_every and updates % settings.diagnose_every:
+        raise SystemExit(f"[study] error: --diagnose-every {settings.diagnose_every} does not divide the {updates} "
+                         f"mini-batch updates of a step (--batch {settings.batch}); use 1, 2 or 4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prep-dir", default=None, help="model / data / SFT cache (default <out>/prep)")
     ap.add_argument("--reduced", action="store_true", help="CI form: detach + rl_occ, one seed, two steps")
     ap.add_argument("--report-only", action="store_true", help="no runs: table and figures of finished runs")
+    ap.add_argument("--data", default=None,
+                    help="with --report-only: the report of this record (study_data) instead of <out>'s runs, "
+                         "e.g. docs/results/data")
+    ap.add_argument("--doc", default=None,
+                    help="also write the report's blocks into this markdown file between its markers")
     ap.add_argument("--regimes", nargs="+", default=None, help=f"subset of {list(REGIMES)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -210,20 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=None, help="samples per prompt")
     ap.add_argument("--algo", choices=("dapo", "gspo"), default=None)
     ap.add_argument("--diagnose-every", type=int, default=None, help="rl regimes: occ.diagnose_every")
+    ap.add_argument("--lr", type=float, default=None, help="actor learning rate")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from(args)
     out = os.path.abspath(args.out)
-    check_settings(out, settings)
-    t0 = time.time()
-    failed = [] if args.report_only else run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
-    report = study_report.write_report(out, settings.regimes, settings.seeds, settings.steps,
-                                       seconds=None if args.report_only else time.time() - t0)
-    figures = study_figures.draw_all(out, report["runs"], report["pairs"], report["results"]["lambda_correlation"])
-    log(f"table {report['table']}, figures {', '.join(figures)}")
+    failed = []
+    if args.data is not None:
+        if not args.report_only:
+            raise SystemExit("[study] error: --data names a finished study's record: use it with --report-only")
+        data_dir = os.path.abspath(args.data)
+    else:
+        settings = settings_from(args)
+        check_settings(out, settings)
+        if not args.report_only:
+            failed = run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
+        data_dir = export_finished(out, settings)
+    report = study_report.write_report(data_dir, out, doc=args.doc)
+    figures = study_figures.draw_all(out, report["runs"], report["updates"], report["steps"])
+    log(f"record {data_dir}, report {report['table']}, figures {', '.join(figures)}")
     return 1 if failed else 0
 
 

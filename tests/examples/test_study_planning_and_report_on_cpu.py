@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from verl_mtp_example import study, study_figures, study_report
+from verl_mtp_example import study, study_data, study_figures, study_report, study_stats
 from verl_mtp_example.metrics_view import EXACT, REWARD, STEP_TIME
 
 
@@ -56,67 +56,132 @@ def test_a_study_with_other_settings_is_refused(tmp_path):
         study.check_settings(str(tmp_path), study.StudySettings(steps=5))
 
 
-def _synthetic_study(out, rng):
-    """detach and rl_occ, 2 seeds, 8 steps; rl_occ logs exact and proxy lambda on even steps."""
+C, V2, COS, LAM, PROXY = (f"{study_data.HEAD}{k}" for k in study_data.DIAGNOSED)
+CROSS, DMTP = (f"{study_data.HEAD}{k}" for k in ("occ_cross_sum", "occ_dmtp_sq_sum"))
+
+
+def _synthetic_study(out, rng, steps: int = 9):
+    """detach and rl_occ, 2 seeds; rl_occ records 4 updates per step, the 2nd and 4th diagnosed (as the launcher
+    with --record-updates and occ.diagnose_every=2 writes them), whose proxy numerator is 2 c and denominator
+    3 v^2."""
+    settings = study.StudySettings(regimes=["detach", "rl_occ"], seeds=[0, 1], steps=steps)
     truth = {}
     for regime in ("detach", "rl_occ"):
         for seed in (0, 1):
-            steps = {}
-            for step in range(1, 9):
-                data = {REWARD: float(rng.uniform()), EXACT: float(rng.uniform()), STEP_TIME: 2.0 + step % 3,
-                        study_report.TOP1: float(rng.uniform())}
-                if regime == "rl_occ" and step % 2 == 0:
-                    exact = float(rng.normal())
-                    data.update({study_report.EXACT_LAMBDA: exact, study_report.PROXY_LAMBDA: 0.5 * exact + 0.1,
-                                 study_report.GRAD_C: float(rng.normal()), study_report.GRAD_V2: float(rng.uniform()),
-                                 study_report.GRAD_COS: 0.1})
-                steps[step] = data
-            write_run(study.run_dir(str(out), regime, seed), steps)
-            truth[(regime, seed)] = steps
-    return truth
+            metrics, updates = {}, {}
+            for step in range(1, steps + 1):
+                metrics[step] = {REWARD: float(rng.uniform()), EXACT: float(rng.uniform()), STEP_TIME: 2.0 + step % 3,
+                                 study_report.TOP1: float(rng.uniform()), "actor/other": 1.0}
+                if regime == "rl_occ":
+                    c, v2 = rng.normal(size=2), rng.uniform(0.5, 2, size=2)
+                    cross = [0.0, 2 * c[0], float(rng.normal()), 2 * c[1]]
+                    dmtp = [0.0, 3 * v2[0], float(rng.uniform()), 3 * v2[1]]
+                    updates[step] = {CROSS: cross, DMTP: dmtp, C: list(c), V2: list(v2), COS: [0.1, 0.2],
+                                     LAM: list(c / v2), PROXY: [cross[u] / (dmtp[u] + 1e-8) for u in (1, 3)]}
+            workdir = study.run_dir(str(out), regime, seed)
+            write_run(workdir, metrics)
+            with open(os.path.join(workdir, "updates.jsonl"), "w") as f:
+                f.writelines(json.dumps({"step": s, "data": d}) + "\n" for s, d in updates.items())
+            truth[(regime, seed)] = (metrics, updates)
+    study.check_settings(str(out), settings)
+    return settings, truth
 
 
-def test_report_table_and_correlations_match_a_hand_computation(tmp_path):
-    truth = _synthetic_study(tmp_path, np.random.default_rng(0))
-    report = study_report.write_report(str(tmp_path), ["detach", "rl_occ"], [0, 1], 8, seconds=1.0)
-    rows = {r["regime"]: r for r in report["results"]["rows"]}
+def test_record_keeps_what_the_report_reads_and_pairs_each_diagnosed_update(tmp_path):
+    settings, truth = _synthetic_study(tmp_path / "study", np.random.default_rng(0))
+    data = study.export_finished(str(tmp_path / "study"), settings)
+    _, runs, updates = study_data.load(data)
+    assert runs["rl_occ"][1][3] == {k: v for k, v in truth[("rl_occ", 1)][0][3].items() if k != "actor/other"}
+    rows = updates["rl_occ"][0]
+    assert len(rows) == 9 * 4 and [r["update"] for r in rows[:4]] == [1, 2, 3, 4]
+    step2 = truth[("rl_occ", 0)][1][2]
+    assert rows[4]["occ_grad_c"] is None and rows[6]["occ_grad_c"] is None  # 1st and 3rd update: not diagnosed
+    assert (rows[5]["occ_grad_c"], rows[5]["occ_cross_sum"]) == (step2[C][0], step2[CROSS][1])
+    assert (rows[7]["occ_grad_v2"], rows[7]["occ_dmtp_sq_sum"]) == (step2[V2][1], step2[DMTP][3])
+    assert "detach" not in updates
 
-    def last5(regime, seed, key):
-        return np.mean([truth[(regime, seed)][s][key] for s in range(4, 9)])
 
-    occ_last5 = [last5("rl_occ", s, REWARD) for s in (0, 1)]
-    assert rows["rl_occ"]["reward_last_n"][:2] == pytest.approx((np.mean(occ_last5), np.std(occ_last5, ddof=1)))
-    final = [truth[("rl_occ", s)][8][REWARD] for s in (0, 1)]
-    assert rows["rl_occ"]["final_reward"][0] == pytest.approx(np.mean(final))
-    paired = [last5("rl_occ", s, REWARD) - last5("detach", s, REWARD) for s in (0, 1)]
-    assert rows["rl_occ"]["reward_last_n_minus_detach"][:2] == pytest.approx((np.mean(paired), np.std(paired, ddof=1)))
-    assert rows["detach"]["reward_last_n_minus_detach"][0] == pytest.approx(0.0)
-    assert rows["rl_occ"]["seconds_per_step"][0] == pytest.approx(np.median([2 + s % 3 for s in range(2, 9)]))
-    lam = report["results"]["lambda_correlation"]
-    assert lam["rl_occ"]["n"] == 8 and lam["rl_occ"]["pearson"] == pytest.approx(1.0)  # proxy = 0.5 exact + 0.1
-    assert lam["rl_occ"]["spearman"] == pytest.approx(1.0) and "detach" not in lam
-    with open(tmp_path / "table.md") as f:
-        rows = [ln for ln in f.read().splitlines() if ln.startswith("| ") and not ln.startswith("| regime")]
-    assert [r.split(" |")[0] for r in rows] == ["| detach", "| rl_occ", "| rl_occ"]  # both tables; 1 diagnosed
-    (decomposition,) = report["results"]["decomposition"]
-    for name, key in (("c", study_report.GRAD_C), ("v2", study_report.GRAD_V2)):
-        early = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (2, 4)]  # steps before the middle (5)
-        late = [truth[("rl_occ", s)][t][key] for s in (0, 1) for t in (6, 8)]
-        assert decomposition[name] == pytest.approx((np.mean(early), np.mean(late)))
-    figures = study_figures.draw_all(str(tmp_path), report["runs"], report["pairs"], lam)
-    assert len(figures) == 3
+def test_a_misaligned_update_record_is_refused():
+    lists = {CROSS: [0.0, 1.0, 5.0, 2.0], DMTP: [0.0, 1.0, 1.0, 1.0], C: [1.0, 1.0], V2: [1.0, 1.0],
+             COS: [0.0, 0.0], LAM: [1.0, 1.0], PROXY: [5.0, 2.0]}  # the first diagnosed proxy is the 3rd update's
+    with pytest.raises(ValueError, match="misaligned"):
+        study_data.update_rows("rl_occ", 0, {1: lists})
+
+
+def test_report_matches_a_hand_computation(tmp_path):
+    settings, truth = _synthetic_study(tmp_path / "study", np.random.default_rng(1))
+    data = study.export_finished(str(tmp_path / "study"), settings)
+    report = study_report.write_report(data, str(tmp_path / "report"))
+    results = report["results"]
+    rows = {r["regime"]: r for r in results["rows"]}
+    n = study_report.window(9)
+
+    def last(regime, seed, key=REWARD):
+        return np.mean([truth[(regime, seed)][0][s][key] for s in range(10 - n, 10)])
+
+    occ = [last("rl_occ", s) for s in (0, 1)]
+    assert rows["rl_occ"]["reward_last"][:2] == pytest.approx((np.mean(occ), np.std(occ, ddof=1)))
+    paired = np.array([last("rl_occ", s) - last("detach", s) for s in (0, 1)])
+    half = 12.7062047 * paired.std(ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+    assert rows["rl_occ"]["minus_detach"]["mean"] == pytest.approx(paired.mean())
+    assert rows["rl_occ"]["minus_detach"]["ci"] == pytest.approx((paired.mean() - half, paired.mean() + half))
+    assert rows["rl_occ"]["seconds_per_step"][0] == pytest.approx(np.median([2 + s % 3 for s in range(2, 10)]))
+    proxy = {r["phase"]: r for r in results["proxy"]}
+    # the proxy's numerator is 2 c and its denominator 3 v^2 on every diagnosed update: perfect rank agreement
+    assert proxy["all"]["n"] == 2 * 9 * 2
+    assert proxy["all"]["numerator_c"]["estimate"] == pytest.approx(1.0)
+    assert proxy["all"]["denominator_v2"]["estimate"] == pytest.approx(1.0)
+    assert proxy["all"]["spearman"]["estimate"] == pytest.approx(1.0)
+    decomposition = {r["phase"]: r for r in results["decomposition"]}
+    late_c = [truth[("rl_occ", s)][1][t][C][i] for s in (0, 1) for t in (7, 8, 9) for i in (0, 1)]
+    assert decomposition["late"]["c"]["estimate"] == pytest.approx(np.median(late_c))
+    assert decomposition["late"]["n"] == 12
+    with open(tmp_path / "report" / "report.md") as f:
+        assert study_report.doc_blocks(f.read()) == report["blocks"]
+    figures = study_figures.draw_all(str(tmp_path / "report"), report["runs"], report["updates"], report["steps"])
+    assert figures
     for png in figures:
         assert os.path.getsize(png) > 10_000, png
 
 
-def test_spearman_uses_average_ranks_for_ties():
-    exact = [1.0, 2.0, 2.0, 3.0]
-    proxy = [1.0, 2.0, 3.0, 4.0]
-    ranks_exact = np.array([0.0, 1.5, 1.5, 3.0])
-    expected = np.corrcoef(ranks_exact, np.arange(4.0))[0, 1]
-    assert study_report.correlations(exact, proxy)["spearman"] == pytest.approx(expected)
-    assert study_report.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["pearson"] is None
-    assert study_report.correlations([1.0, -2.0, 3.0, -0.5], [0.1, 0.2, 0.3, -0.1])["sign_agreement"] == 0.75
+def test_a_doc_gets_the_report_blocks_between_its_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- study:table -->\nold\n<!-- /study:table -->\nprose\n")
+    assert study_report.fill_doc(str(doc), {"table": "| a |\n", "claims": "x\n"}) == []
+    assert doc.read_text() == "intro\n<!-- study:table -->\n| a |\n<!-- /study:table -->\nprose\n"
+    doc.write_text("<!-- study:nothing -->\n<!-- /study:nothing -->\n")
+    assert study_report.fill_doc(str(doc), {"table": "| a |\n"}) == ["nothing"]
+
+
+@pytest.mark.parametrize("side, ci, mde, expected", [
+    ("below", (-0.2, -0.1), 0.05, "reproduced"),
+    ("below", (0.01, 0.1), 0.05, "not reproduced"),
+    ("below", (-0.03, 0.1), 0.05, "not reproduced"),  # an effect of the detectable size is ruled out
+    ("below", (-0.2, 0.1), 0.05, "not resolvable"),
+    ("not below", (-0.03, 0.1), 0.05, "reproduced"),
+    ("not below", (-0.2, -0.1), 0.05, "not reproduced"),
+    ("not below", (-0.2, 0.1), 0.05, "not resolvable"),
+    ("above", (0.1, 0.3), None, "reproduced"),
+    ("above", (-0.1, 0.3), None, "not resolvable"),
+    ("above", (None, None), None, "not resolvable"),
+])
+def test_verdicts(side, ci, mde, expected):
+    assert study_report.verdict(side, ci, mde) == expected
+
+
+def test_statistics_match_tables_and_hand_computations():
+    assert study_stats.t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-5)  # Student's t table
+    assert study_stats.t_quantile(0.8, 4) == pytest.approx(0.940965, abs=1e-5)
+    assert study_stats.detectable_difference(1.0, 5) == pytest.approx((2.776445 + 0.940965) / np.sqrt(5), abs=1e-5)
+    assert study_stats.seeds_needed(1.0, 1.2) == 8  # 7 pairs detect (2.447 + 0.906) / sqrt(7) = 1.27, 8 pairs 1.15
+    exact, proxy = [1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]
+    expected = np.corrcoef([0.0, 1.5, 1.5, 3.0], np.arange(4.0))[0, 1]  # ties share their average rank
+    assert study_stats.spearman(np.array(exact), np.array(proxy)) == pytest.approx(expected)
+    assert study_stats.spearman(np.ones(3), np.arange(3.0)) is None
+    pairs = np.array([(1.0, 1.0)] * 81 + [(1.0, -1.0)] * 9 + [(-1.0, 1.0)] * 9 + [(-1.0, -1.0)])  # 90 % positive
+    assert study_stats.sign_agreement(*pairs.T) == pytest.approx(0.82)
+    assert study_stats.chance_agreement(*pairs.T) == pytest.approx(0.9 * 0.9 + 0.1 * 0.1)
+    assert study_stats.agreement_above_chance(*pairs.T) == pytest.approx(0.0)
 
 
 def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
@@ -127,3 +192,19 @@ def test_only_a_ray_start_timeout_in_the_last_launch_is_retried(tmp_path):
     with open(log, "a") as f:
         f.write("\n===== verl PPO: b\nValueError: something else\n")  # a resumed launch failing otherwise
     assert not study.ray_failed_to_start(str(tmp_path))
+
+
+def test_the_wall_time_adds_up_over_calls(tmp_path):
+    assert study.wall_time(str(tmp_path)) == 0.0
+    study.add_wall_time(str(tmp_path), 10.5)
+    study.add_wall_time(str(tmp_path), 2.25)
+    assert study.wall_time(str(tmp_path)) == pytest.approx(12.8)  # rounded to 0.1 s at each call
+
+
+def test_a_two_step_study_reports_what_is_defined(tmp_path):
+    """The CI form's length: too short for a step-noise estimate or every quarter of training, which stay
+    undefined (None in results.json, '-' in the tables) instead of NaN."""
+    settings, _ = _synthetic_study(tmp_path / "study", np.random.default_rng(2), steps=2)
+    report = study_report.write_report(study.export_finished(str(tmp_path / "study"), settings), str(tmp_path))
+    assert report["results"]["learning"]["quarters"][0] is None
+    assert report["results"]["learning"]["step_noise"][0] is None
