@@ -23,15 +23,36 @@ import os
 import sys
 import tempfile
 
-REGIMES = {
-    "detach": ["actor_rollout_ref.model.mtp.mtp_loss_type=detach"],
-    "ce": ["actor_rollout_ref.model.mtp.mtp_loss_type=ce"],
-    "rl": ["actor_rollout_ref.model.mtp.mtp_loss_type=rl"],
-    "rl_occ": ["actor_rollout_ref.model.mtp.mtp_loss_type=rl", "actor_rollout_ref.model.mtp.occ.enable=True"],
-}
-# verl's use_fused_kernels=True: the main head scored in chunks (docs/mtp_rl.md, section 5)
-REGIMES.update({f"{name}_fused": [*overrides, "actor_rollout_ref.model.use_fused_kernels=True"]
-                for name, overrides in list(REGIMES.items())})
+MTP = "actor_rollout_ref.model.mtp"
+FUSED = "_fused"  # suffix: the regime with verl's use_fused_kernels=True (the main head scored in chunks)
+OCC = "_occ"  # suffix: a policy-loss regime with OCC setting its coefficient
+
+
+def every_regime() -> list[str]:
+    """verl-mtp's registered regimes, each policy-loss one also with OCC, then all of them with ``_fused``."""
+    from verl_mtp.workers.config import MTP_REGIME_REGISTRY
+
+    names = [n for r in MTP_REGIME_REGISTRY.values() for n in (r.name, *([r.name + OCC] if r.policy_loss else []))]
+    return names + [n + FUSED for n in names]
+
+
+def regime_overrides(name: str) -> list[str]:
+    """The trainer overrides of ``name``: a regime verl-mtp registers, with ``_occ`` and / or ``_fused``. Read from
+    the registry when asked (importing verl-mtp imports verl, which must come after the CPU platform's set-up)."""
+    from verl_mtp.workers.config import get_mtp_regime
+
+    base = name.removesuffix(FUSED)
+    regime = get_mtp_regime(base.removesuffix(OCC))
+    if base.endswith(OCC) and not regime.policy_loss:
+        raise ValueError(f"--regimes {name}: OCC sets the coefficient of a policy-loss regime, {regime.name} has none")
+    overrides = [f"{MTP}.mtp_loss_type={regime.name}"]
+    if base.endswith(OCC):
+        overrides.append(f"{MTP}.occ.enable=True")
+    if name.endswith(FUSED):
+        overrides.append("actor_rollout_ref.model.use_fused_kernels=True")
+    return overrides
+
+
 MICRO_BATCH = 2  # samples per micro-batch
 
 
@@ -45,7 +66,7 @@ def build_worker(model_dir: str, regime: str, fmt: str):
         "actor_rollout_ref.model.external_lib=verl_mtp_example",
         f"actor_rollout_ref.model.use_remove_padding={fmt == 'thd'}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={MICRO_BATCH}",
-        *REGIMES[regime],
+        *regime_overrides(regime),
     ]
     config = engine_smoke.compose_config("verl_mtp.trainer.config", "mtp_ppo_megatron_trainer", overrides)
     with contextlib.redirect_stdout(io.StringIO()):  # verl prints the whole model and config
@@ -125,18 +146,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--formats", nargs="+", default=["thd", "bshd"], choices=["thd", "bshd"])
-    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--regimes", nargs="+", default=None,
+                   help="verl-mtp's regimes, a policy-loss one with _occ, any with _fused (use_fused_kernels); "
+                   "default: every one")
     p.add_argument("--sites", action="store_true", help="list each added synchronisation's call site")
     p.add_argument("--json", help="also write the counts (with their sites) to this file")
     p.add_argument("--model-root", default=None, help="where the tiny MiMo models are written (default: a temp dir)")
     args = p.parse_args(argv)
-    if "detach" not in args.regimes:
-        args.regimes.insert(0, "detach")
 
     from verl_cpu.environment import cpu_process_env
 
     os.environ.update(cpu_process_env(one_rank=True))
     import verl  # noqa: F401  (the CPU platform, then the entry-point plugins)
+
+    args.regimes = args.regimes or every_regime()
+    for name in args.regimes:
+        regime_overrides(name)  # an unknown name fails here, before any model is built
+    if "detach" not in args.regimes:
+        args.regimes.insert(0, "detach")
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(args.heads, args.formats, args.regimes, args.model_root or tmp)

@@ -82,6 +82,9 @@ class _Statistics:
     sum_pi_squared: bool = False  # sum p^2 (verl's optimal-token baseline), forward only
 
 
+_LOG_PROBS_ONLY = _Statistics()
+
+
 class _BlockScores(NamedTuple):
     log_probs: torch.Tensor
     top1: torch.Tensor
@@ -90,7 +93,7 @@ class _BlockScores(NamedTuple):
     sum_pi_squared: torch.Tensor | None
 
 
-def _score_block(logits, safe_labels, in_shard, exp_out, group, vocab_start, stats=_Statistics(), scratch=None):
+def _score_block(logits, safe_labels, in_shard, exp_out, group, vocab_start, stats=_LOG_PROBS_ONLY, scratch=None):
     """Log-prob of the label, top-1 id, ``1 / sum exp`` (and ``stats``) of a block of tempered logits ``[rows, V/tp]``.
 
     Rewrites ``logits`` in place and leaves ``exp(logits - max)`` in ``exp_out`` (which may be ``logits``):

@@ -88,6 +88,7 @@ __all__ = [
     "enable_fused_main_head",
     "install_fused_main_head",
     "scores_main_head_fused",
+    "fused_lm_head_logits_processor",
     "fused_main_head_scores",
 ]
 
@@ -344,6 +345,14 @@ def scores_main_head_fused(engine) -> bool:
     """Whether the logits processor scores the main head from captured hidden states (an engine made without
     ``__init__``, as verl's own unit tests make one, never does)."""
     return getattr(engine, "fused_main_head", False)
+
+
+def fused_lm_head_logits_processor(engine, label, temperature, batch, data_format: str, **flags) -> dict:
+    """The engine's logits processor under ``use_fused_kernels`` with a regime: the main head from its captured
+    hidden states (:func:`fused_main_head_scores`, ``flags`` are verl's processor switches), then the heads."""
+    ret = fused_main_head_scores(engine, label, temperature, **flags)
+    add_mtp_head_scores(engine, ret, label, temperature, batch, data_format)
+    return ret
 
 
 def fused_main_head_scores(

@@ -29,8 +29,9 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         mtp_engine_hooks.install_fused_main_head(self)
 
     def _maybe_enable_fused_kernels(self):
-        if not mtp_engine_hooks.enable_fused_main_head(self):
-            super()._maybe_enable_fused_kernels()
+        if mtp_engine_hooks.enable_fused_main_head(self):
+            return
+        return super()._maybe_enable_fused_kernels()
 
     def _build_tf_config(self):
         super()._build_tf_config()
@@ -48,13 +49,45 @@ class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
         mtp_engine_hooks.load_occ_state(self, local_path)
         super().load_checkpoint(local_path, *args, **kwargs)
 
-    def _lm_head_logits_processor(self, logits, label, temperature, *, batch, data_format, **kwargs):
+    def _lm_head_logits_processor(
+        self,
+        logits,
+        label,
+        temperature,
+        *,
+        calculate_sum_pi_squared: bool,
+        calculate_entropy: bool,
+        distillation_use_topk: bool,
+        distillation_only: bool,
+        logits_processor_func,
+        batch,
+        data_format: str,
+    ):
         if mtp_engine_hooks.scores_main_head_fused(self):
-            ret = mtp_engine_hooks.fused_main_head_scores(self, label, temperature, **kwargs)
-        else:
-            ret = super()._lm_head_logits_processor(
-                logits, label, temperature, batch=batch, data_format=data_format, **kwargs
+            return mtp_engine_hooks.fused_lm_head_logits_processor(
+                self,
+                label,
+                temperature,
+                batch,
+                data_format,
+                calculate_sum_pi_squared=calculate_sum_pi_squared,
+                calculate_entropy=calculate_entropy,
+                distillation_use_topk=distillation_use_topk,
+                distillation_only=distillation_only,
+                logits_processor_func=logits_processor_func,
             )
+        ret = super()._lm_head_logits_processor(
+            logits,
+            label,
+            temperature,
+            calculate_sum_pi_squared=calculate_sum_pi_squared,
+            calculate_entropy=calculate_entropy,
+            distillation_use_topk=distillation_use_topk,
+            distillation_only=distillation_only,
+            logits_processor_func=logits_processor_func,
+            batch=batch,
+            data_format=data_format,
+        )
         mtp_engine_hooks.add_mtp_head_scores(self, ret, label, temperature, batch, data_format)
         return ret
 
