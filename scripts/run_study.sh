@@ -7,7 +7,7 @@
 #   bash scripts/run_study.sh                                   # the stress study -> runs/study
 #   bash scripts/run_study.sh --reduced --out runs/study_ci     # 2 regimes, 1 seed, 2 steps
 #   bash scripts/run_study.sh --seeds 0 --regimes detach rl_occ --steps 8
-#   bash scripts/run_study.sh --report-only --data docs/results/data --out docs/results --doc docs/results.md
+#   bash scripts/run_study.sh --report-only --data docs/results/data --out docs/results --doc docs/results.md docs/mtp_rl.md
 #
 # Arguments go to the study (see `python -m verl_mtp_example.study --help`). Sets up .venv first.
 set -euo pipefail

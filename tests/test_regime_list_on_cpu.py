@@ -71,4 +71,4 @@ def test_the_studys_columns_follow_the_modes():
     from verl_mtp_example.study import REGIMES
 
     assert {r.mode for r in REGIMES.values()} == {*MTP_REGIME_REGISTRY, "rl_occ"}
-    assert [r.name for r in REGIMES.values() if r.diagnosed] == ["rl_0.1", "rl_1.0", "rl_occ"]
+    assert [r.name for r in REGIMES.values() if r.diagnosed] == ["rl_0.1", "rl_1.0", "rl_3.0", "rl_10.0", "rl_occ"]

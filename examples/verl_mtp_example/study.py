@@ -6,7 +6,7 @@
     python -m verl_mtp_example.study --out runs/study --reduced       # detach + rl_occ, 1 seed, 2 steps (CI)
     python -m verl_mtp_example.study --out runs/study --report-only   # the report of what has finished
     python -m verl_mtp_example.study --report-only --data docs/results/data --out docs/results \
-        --doc docs/results.md                                         # the published report, from the repository
+        --doc docs/results.md docs/mtp_rl.md                          # the published report, from the repository
 
 Each (regime, seed) is one launch of the main job (:mod:`.launch`) in ``<out>/<regime>/seed<s>``; the study is
 resumable: a finished run is kept, an interrupted one continues from its last checkpoint (``--save-freq``),
@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None,
                     help="with --report-only: the report of this record (study_data) instead of <out>'s runs, "
                          "e.g. docs/results/data")
-    ap.add_argument("--doc", default=None,
-                    help="also write the report's blocks into this markdown file between its markers")
+    ap.add_argument("--doc", nargs="+", default=(),
+                    help="also write the report's blocks into these markdown files between their markers")
     ap.add_argument("--regimes", nargs="+", default=None, help=f"subset of {list(REGIMES)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         if not args.report_only:
             failed = run_all(out, settings, os.path.abspath(args.prep_dir or f"{out}/prep"))
         data_dir = export_finished(out, settings)
-    report = study_report.write_report(data_dir, out, doc=args.doc)
+    report = study_report.write_report(data_dir, out, docs=args.doc)
     figures = study_figures.draw_all(out, report["runs"], report["updates"], report["steps"])
     log(f"record {data_dir}, report {report['table']}, figures {', '.join(figures)}")
     return 1 if failed else 0

@@ -2,8 +2,9 @@
 rebuilt number for number from the repository (``--report-only --data docs/results/data``).
 
 It writes ``report.md`` (every block below) and ``results.json`` (the same numbers unformatted; the figures of
-:mod:`.study_figures` are drawn from what it returns); with ``doc`` it also writes each block into that markdown file between the markers
-``<!-- study:NAME -->`` and ``<!-- /study:NAME -->``, where a test checks them against a fresh report.
+:mod:`.study_figures` are drawn from what it returns); with ``docs`` it also writes each block into those markdown files between the markers
+``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` they hold (docs/results.md: the study; docs/mtp_rl.md: the
+metric ranges), where a test checks them against a fresh report.
 
 Blocks:
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from verl_mtp_example import metrics_view as mv
 from verl_mtp_example import study_data
+from verl_mtp_example.metric_ranges import metric_ranges, ranges_block
 from verl_mtp_example import study_stats as st
 
 TOP1 = study_data.STEP_COLUMNS["top1_agreement"]
@@ -536,15 +538,17 @@ def blocks_of(study: dict, runs: dict, updates: dict, plan: Optional[dict]) -> t
     decomposition_rows = decomposition(updates, rl, steps)
     proxy = proxy_rows(updates, rl, steps)
     claims = reward_claims(runs, regimes, n) + gradient_claims(decomposition_rows, proxy)
+    ranges = metric_ranges(runs, updates, regimes)
     blocks = {"settings": settings_block(study, runs), "table": table_block(rows, n),
               "power": power_block(plan, len(s["seeds"]), observed_spread(rows),
                                    next((r["reward_last"][0] for r in rows if r["regime"] == "detach"), None)),
               "decomposition": decomposition_block(decomposition_rows), "proxy": proxy_block(proxy),
-              "claims": claims_block(claims)}
+              "claims": claims_block(claims),
+              "metric_ranges": ranges_block(ranges, study)}
     if learned:
         blocks["learning"] = learning_block(learned, n)
     results = {"settings": s, "window": n, "rows": rows, "learning": learned, "planning": plan,
-               "decomposition": decomposition_rows, "proxy": proxy, "claims": claims}
+               "decomposition": decomposition_rows, "proxy": proxy, "claims": claims, "metric_ranges": ranges}
     return blocks, results
 
 
@@ -579,7 +583,7 @@ def report_markdown(blocks: dict[str, str]) -> str:
     return "\n".join(f"{begin_marker(name)}\n{text}{end_marker(name)}\n" for name, text in blocks.items())
 
 
-def write_report(data_dir: str, out: str, doc: Optional[str] = None) -> dict:
+def write_report(data_dir: str, out: str, docs: tuple[str, ...] = ()) -> dict:
     """``report.md`` and ``results.json`` of the record in ``data_dir``, written to ``out``; the runs and updates
     they came from, for the figures (:func:`.study_figures.draw_all`, which reads this module's helpers)."""
     study, runs, updates = study_data.load(data_dir)
@@ -592,7 +596,7 @@ def write_report(data_dir: str, out: str, doc: Optional[str] = None) -> dict:
         f.write(report_markdown(blocks))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, allow_nan=False)
-    if doc:
+    for doc in docs:
         unknown = fill_doc(doc, blocks)
         if unknown:
             raise SystemExit(f"[study] error: {doc} has markers with no block of the report: {unknown}")

@@ -1,6 +1,6 @@
 """docs/results.md is the study's report rebuilt from the committed record: ``python -m verl_mtp_example.study
---report-only --data docs/results/data`` (what CI runs here) gives every block the doc holds between its
-``<!-- study:NAME -->`` markers, the published ``docs/results/report.md`` and ``results.json``, and every number
+--report-only --data docs/results/data`` (what CI runs here) gives every block docs/results.md and docs/mtp_rl.md
+(its metric ranges) hold between their ``<!-- study:NAME -->`` markers, the published ``docs/results/report.md`` and ``results.json``, and every number
 the doc's prose quotes. A number edited by hand, or a record changed without rebuilding the doc, fails here."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from verl_mtp_example import study, study_report
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC, PUBLISHED, DATA = ROOT / "docs" / "results.md", ROOT / "docs" / "results", ROOT / "docs" / "results" / "data"
+USER_GUIDE = ROOT / "docs" / "mtp_rl.md"  # the metric table's ranges
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 RECORD_LIMIT_BYTES = 4_000_000
 
@@ -26,12 +27,14 @@ def rebuilt(tmp_path_factory) -> Path:
     return out
 
 
-def test_the_doc_holds_the_rebuilt_report_blocks(rebuilt):
+def test_the_docs_hold_the_rebuilt_report_blocks(rebuilt):
     blocks = study_report.doc_blocks((rebuilt / "report.md").read_text())
-    in_doc = study_report.doc_blocks(DOC.read_text())
-    assert set(in_doc) == set(blocks)
-    for name, text in blocks.items():
-        assert in_doc[name] == text, f"docs/results.md block {name!r} differs from the rebuilt report"
+    in_docs = {doc: study_report.doc_blocks(doc.read_text()) for doc in (DOC, USER_GUIDE)}
+    assert set(in_docs[USER_GUIDE]) == {"metric_ranges"}
+    assert set(in_docs[DOC]) | set(in_docs[USER_GUIDE]) == set(blocks)
+    for doc, held in in_docs.items():
+        for name, text in held.items():
+            assert text == blocks[name], f"{doc.name} block {name!r} differs from the rebuilt report"
 
 
 def test_the_published_report_is_the_rebuilt_one(rebuilt):
