@@ -3,9 +3,9 @@
 A user watching ``actor/mtp_1/*`` in a tracker wants to know whether a value is ordinary. The study's committed
 record (:mod:`.study_data`) holds every step of every regime and, for the ``rl`` regimes, every mini-batch update,
 so the ranges are computed from it and published beside the metric table (the report's ``metric_ranges`` block).
-The record predates the split of the coefficient into ``lambda`` and ``coef_applied``; both are rebuilt from the
-updates: an update's coefficient is ``coef_applied``, and ``lambda`` leaves out each step's first mini-batch, where
-``pi == pi_old`` makes ``dRL`` (and so OCC's ``lambda``) zero by construction.
+The record holds each update's ``coef_applied``; ``lambda`` is the same values without each step's first
+mini-batch, where ``pi == pi_old`` makes ``dRL`` (and so OCC's ``lambda``) zero by construction. (The study's
+runs predate the split of the metric into the two: their per-update ``lambda`` was what ``coef_applied`` is now.)
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _every(row: dict) -> bool:
 
 # (metric as logged, where the record holds it, the regimes it is shown for, which rows count)
 UPDATE_METRICS: tuple[tuple[str, str, Callable[[str], bool], Callable[[dict], bool]], ...] = (
-    ("lambda", "lambda", lambda r: r.endswith("_occ"), _informative),
-    ("coef_applied", "lambda", lambda r: r.endswith("_occ"), _every),
+    ("lambda", "coef_applied", lambda r: r.endswith("_occ"), _informative),
+    ("coef_applied", "coef_applied", lambda r: r.endswith("_occ"), _every),
     ("occ_cross_sum", "occ_cross_sum", lambda r: True, _informative),
     ("occ_dmtp_sq_sum", "occ_dmtp_sq_sum", lambda r: True, _every),
     ("occ_grad_c", "occ_grad_c", lambda r: True, _every),

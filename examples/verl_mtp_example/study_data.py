@@ -2,7 +2,8 @@
 
 * ``steps.csv``: one row per (regime, seed, step) with the step metrics the report reads (verl's step values);
 * ``updates.csv``: one row per (regime, seed, step, update) of the ``rl`` regimes with head 1's per-update
-  metrics (:mod:`.update_metrics` records them; verl's logger keeps only their step mean). On a diagnosed update
+  metrics (``coef_applied`` is logged on every update; ``lambda`` leaves out each step's first, whose dRL is 0
+  by construction, so it cannot be placed by position) (:mod:`.update_metrics` records them; verl's logger keeps only their step mean). On a diagnosed update
   (``occ.diagnose_every``) the row also holds the exact gradient statistics and the proxy's lambda of the same
   update, so the proxy's numerator and denominator sit next to ``c`` and ``v^2``;
 * ``study.json``: the study's settings and each run's wall time.
@@ -34,7 +35,7 @@ STEP_COLUMNS = {  # column -> verl metric
     "entropy": "actor/entropy",
     "ppo_kl": "actor/ppo_kl",
 }
-EVERY_UPDATE = ("lambda", "occ_cross_sum", "occ_dmtp_sq_sum", "top1_agreement")
+EVERY_UPDATE = ("coef_applied", "occ_cross_sum", "occ_dmtp_sq_sum", "top1_agreement")
 DIAGNOSED = ("occ_grad_c", "occ_grad_v2", "occ_grad_cos", "occ_grad_lambda", "occ_grad_proxy_lambda")
 KEYS = ("regime", "seed", "step")
 # OCC's proxy lambda = lambda_plus * cross / (dmtp_sq + eps) with the config's defaults, which the study keeps;

@@ -32,7 +32,7 @@ def test_reduced_study_runs_records_every_update_reports_and_resumes(tmp_path, p
     assert [(r["step"], r["update"]) for r in rows] == [(s, u) for s in (1, 2) for u in (1, 2, 3, 4)]
     assert all((r["occ_grad_c"] is not None) == (r["update"] in (2, 4)) for r in rows)
     assert all(math.isfinite(r["occ_grad_v2"]) and r["occ_grad_v2"] > 0 for r in rows if r["update"] in (2, 4))
-    assert all(r["occ_cross_sum"] is not None and r["lambda"] is not None for r in rows)
+    assert all(r["occ_cross_sum"] is not None and r["coef_applied"] is not None for r in rows)
     for name in ("report.md", "reward.png", "decomposition.png", "lambda_scatter.png"):
         assert os.path.getsize(out / name) > 0, name
     capfd.readouterr()

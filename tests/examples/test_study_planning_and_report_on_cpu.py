@@ -211,23 +211,23 @@ def test_a_two_step_study_reports_what_is_defined(tmp_path):
 
 
 def test_metric_ranges_leave_out_the_structural_zero_and_match_numpy():
-    """``lambda`` skips each step's first update (dRL = 0 there), ``coef_applied`` keeps it; both read the same
-    column of the record; step metrics pool every seed's steps."""
+    """``lambda`` skips each step's first update (dRL = 0 there), ``coef_applied`` keeps it; both read the
+    record's ``coef_applied``; step metrics pool every seed's steps."""
     from verl_mtp_example.metric_ranges import metric_ranges
 
     rng = np.random.default_rng(3)
-    rows = [{"update": u, "lambda": 0.0 if u == 1 else float(rng.normal()), "occ_cross_sum": float(rng.normal()),
+    rows = [{"update": u, "coef_applied": 0.0 if u == 1 else float(rng.normal()), "occ_cross_sum": float(rng.normal()),
              "occ_dmtp_sq_sum": 1.0, "occ_grad_c": None, "occ_grad_v2": None, "occ_grad_cos": None,
              "occ_grad_lambda": None} for _ in range(10) for u in (1, 2, 3, 4)]
     updates = {"rl_occ": {0: rows[:20], 1: rows[20:]}, "rl_1.0": {0: rows}}
     runs = {"detach": {s: {t: {"actor/mtp_1/top1_agreement": 0.1 * t + s} for t in range(1, 6)} for s in (0, 1)}}
     found = {(r["metric"], r["regime"]): r for r in metric_ranges(runs, updates, ["detach", "rl_1.0", "rl_occ"])}
-    informative = [r["lambda"] for r in rows if r["update"] != 1]
+    informative = [r["coef_applied"] for r in rows if r["update"] != 1]
     lam = found[("actor/mtp_1/lambda", "rl_occ")]
     assert lam["n"] == 30 and lam["median"] == pytest.approx(np.median(informative))
     assert lam["p5"] == pytest.approx(np.percentile(informative, 5))
     applied = found[("actor/mtp_1/coef_applied", "rl_occ")]
-    assert applied["n"] == 40 and applied["p5"] == pytest.approx(np.percentile([r["lambda"] for r in rows], 5))
+    assert applied["n"] == 40 and applied["p5"] == pytest.approx(np.percentile([r["coef_applied"] for r in rows], 5))
     assert ("actor/mtp_1/lambda", "rl_1.0") not in found  # a fixed coefficient is its setting
     assert ("actor/mtp_1/occ_grad_c", "rl_occ") not in found  # never diagnosed here
     top1 = found[("actor/mtp_1/top1_agreement", "detach")]
