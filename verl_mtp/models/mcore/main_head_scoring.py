@@ -26,10 +26,9 @@ from megatron.core import parallel_state as mpu
 
 from verl.models.mcore.mtp_patch import _get_patching_model
 from verl_mtp.models.mcore.mtp_log_probs import chunked_token_scores
+from verl_mtp.models.mcore.mtp_patch import _NOT_SET, install_postprocess, restore_postprocess
 
 __all__ = ["MainHeadCapture", "MainHeadHidden", "score_main_head"]
-
-_NOT_SET = object()
 
 
 @dataclass
@@ -75,25 +74,19 @@ class MainHeadCapture:
             )
         if isinstance(gpt._postprocess, MainHeadCapture):
             raise RuntimeError("the main-head capture is already installed on this model chunk; unpatch it first")
-        self._replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
         self._inner = gpt._postprocess
         # the Parameter itself: a detached view of it (the MTP cross-entropy's weight) is a different object
         tied = gpt.share_embeddings_and_output_weights
         self._live_weight = gpt.shared_embedding_or_output_weight() if tied else layer.weight
         self.model = gpt
-        gpt._postprocess = self
+        self._replaced = install_postprocess(gpt, self)
         layer.forward = self._output_layer_forward
         return self
 
     def unpatch(self) -> None:
         """Restore the chunk's postprocess and output layer as they were before :meth:`patch`."""
         gpt = self.model
-        if gpt is None or gpt.__dict__.get("_postprocess") is not self:
-            raise RuntimeError("this main-head capture is not the one installed on its model chunk")
-        if self._replaced is _NOT_SET:
-            del gpt._postprocess
-        else:
-            gpt._postprocess = self._replaced
+        restore_postprocess(gpt, self, self._replaced, "main-head capture")
         del gpt.output_layer.forward
         self.model, self._inner, self._replaced, self._live_weight, self._output = None, None, _NOT_SET, None, None
 

@@ -96,6 +96,24 @@ def check_cp_roll_offsets(packed_seq_params, context_parallel_size: int) -> None
 _NOT_SET = object()
 
 
+def install_postprocess(gpt, postprocess) -> object:
+    """Make ``postprocess`` the chunk's ``_postprocess``; what it replaced, for :func:`restore_postprocess` (the
+    chunk's own attribute, or a marker when the class's method was in use)."""
+    replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
+    gpt._postprocess = postprocess
+    return replaced
+
+
+def restore_postprocess(gpt, postprocess, replaced, name: str) -> None:
+    """Undo :func:`install_postprocess`; refused when ``postprocess`` (a ``name``) is not the one installed."""
+    if gpt is None or gpt.__dict__.get("_postprocess") is not postprocess:
+        raise RuntimeError(f"this {name} is not the one installed on its model chunk")
+    if replaced is _NOT_SET:
+        del gpt._postprocess
+    else:
+        gpt._postprocess = replaced
+
+
 class MTPRLPostprocess:
     """The RL postprocess of one model chunk: its settings, the postprocess it replaced, its last output.
 
@@ -132,22 +150,15 @@ class MTPRLPostprocess:
             raise NotImplementedError(
                 "actor_rollout_ref.model.mtp.logprob_chunk_size > 0 needs an output layer without bias; set it to 0"
             )
-        self._replaced = gpt.__dict__.get("_postprocess", _NOT_SET)
         self._fallback = gpt._postprocess
         self.model = gpt
         keep_mtp_stage_embedding_grad(gpt)
-        gpt._postprocess = self
+        self._replaced = install_postprocess(gpt, self)
         return self
 
     def unpatch(self) -> None:
         """Restore the chunk's postprocess as it was before :meth:`patch`; drop any pending output."""
-        gpt = self.model
-        if gpt is None or gpt.__dict__.get("_postprocess") is not self:
-            raise RuntimeError("this RL postprocess is not the one installed on its model chunk")
-        if self._replaced is _NOT_SET:
-            del gpt._postprocess
-        else:
-            gpt._postprocess = self._replaced
+        restore_postprocess(self.model, self, self._replaced, "RL postprocess")
         self.model, self._fallback, self._replaced, self._output = None, None, _NOT_SET, None
 
     def pop_output(self) -> MTPRLOutput | None:
