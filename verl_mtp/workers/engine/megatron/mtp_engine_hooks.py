@@ -25,9 +25,11 @@ With verl's ``actor_rollout_ref.model.use_fused_kernels=True`` and a regime they
 verl's non-fused forward keeps running the MTP block, the main head's output-layer call is captured, and the
 logits processor scores its hidden states with the chunked function the MTP heads use.
 
-On every megatron-core version they keep verl's own MTP cross-entropy (``detach``, ``ce``, any MTP model not
-in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MTP weights under 0.17+'s names
-(:mod:`verl_mtp.models.mcore.mcore_compat`). Without a regime (``mtp_loss_type=null``) the engine is verl's.
+With a regime, on every megatron-core version, they also keep verl's own MTP cross-entropy (``detach``, ``ce``)
+off the lm_head, as verl does on 0.16, let the MTP layers run under full recompute on 0.18.0 and let verl's vanilla
+mbridge load MTP weights under 0.17+'s names (:mod:`verl_mtp.models.mcore.mcore_compat`). Without a regime
+(``mtp_loss_type=null``, the default) no hook changes anything: the engine is verl's, verl's own behaviour on
+every version included (docs/mtp_rl.md, "mtp_loss_type: null").
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ def init_mtp_state(engine) -> None:
     engine.main_head_capture: dict[torch.nn.Module, MainHeadCapture] = {}
 
 
+def has_regime(engine) -> bool:
+    """Whether ``mtp_loss_type`` names a regime: without one, no hook changes anything of verl's."""
+    mtp = engine.model_config.mtp
+    return isinstance(mtp, MtpRLConfig) and mtp.regime is not None
+
+
 def is_mtp_rl(engine) -> bool:
     """Whether this engine trains the MTP heads with the policy loss (``mtp_loss_type=rl``)."""
     mtp = engine.model_config.mtp
@@ -126,14 +134,14 @@ def check_mtp_rl_layout(engine, data_parallel_size: int = 1) -> None:
 
 
 def install_mtp_rl(engine) -> None:
-    """After verl built and patched the model: check it, then install the regime's per-chunk pieces."""
+    """After verl built and patched the model, with a regime: check the model, then install the regime's
+    per-chunk pieces."""
+    if not has_regime(engine):
+        return
     mtp = engine.model_config.mtp
-    if isinstance(mtp, MtpRLConfig):
-        for chunk in engine.module:
-            check_megatron_mtp_settings(mtp, unwrap_model(chunk).config)
-    if mtp.enable:
-        for chunk in engine.module:
-            let_mtp_layers_recompute(chunk)
+    for chunk in engine.module:
+        check_megatron_mtp_settings(mtp, unwrap_model(chunk).config)
+        let_mtp_layers_recompute(chunk)
     if is_mtp_rl(engine):
         check_mtp_rl_layout(engine, engine.get_data_parallel_size())
         engine.occ_state = OCCState(mtp.occ)
@@ -143,14 +151,14 @@ def install_mtp_rl(engine) -> None:
                 logprob_chunk_size=mtp.logprob_chunk_size,
                 detached_head_ce=mtp.detached_head_ce_coef > 0,
             ).patch(chunk)
-    elif mtp.enable:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
+    else:  # verl's MTP cross-entropy (detach / ce) must not train the lm_head
         for chunk in engine.module:
             keep_mtp_ce_off_lm_head(chunk)
 
 
 def adapt_bridge(engine) -> None:
-    """After verl built the transformer config, before it loads the weights through its mbridge."""
-    if getattr(engine, "bridge", None) is not None:
+    """After verl built the transformer config, before it loads the weights through its mbridge (with a regime)."""
+    if has_regime(engine) and getattr(engine, "bridge", None) is not None:
         adapt_mbridge_mtp_names(engine.bridge)
 
 
