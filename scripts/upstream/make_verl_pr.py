@@ -20,11 +20,15 @@ import os
 import re
 import subprocess
 import sys
+import shutil
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import layout as layout_mod
+import series
+import series_doc
 import verl_edits
 import verl_source
 
@@ -52,15 +56,16 @@ LICENSE_HEADER = """\
 RUFF = "ruff==0.12.2"
 # verl's `test` extra (pytest-asyncio) where the interpreter lacks it; installed once into the cache.
 TEST_DEPS = ("pytest-asyncio",)
+CACHES = {"__pycache__", ".ruff_cache", ".pytest_cache", ".hypothesis"}
 CONFTEST_LINE = "from tests.mtp_rl_support.pytest_fixtures import *  # noqa: F401,F403\n"
 # verl modules the integration edits: verl's own CPU tests that name one of them are run too.
 CHANGED_MODULES = ("verl.workers.config", "verl.workers.engine", "verl.trainer.config", "MtpConfig", "hf_model")
 
 
-def place_files(repo: Path, tree: Path, layout) -> list[str]:
-    """Copy every laid-out file with its imports rewritten; returns the new files' paths."""
+def place_files(repo: Path, tree: Path, layout, files: dict[Path, str]) -> list[str]:
+    """Copy ``files`` (laid-out source -> destination) with their imports rewritten; returns the new paths."""
     new = []
-    for src, dest in sorted(layout.files.items()):
+    for src, dest in sorted(files.items()):
         target = tree / dest
         if target.exists():
             raise FileExistsError(f"{dest} already exists in verl's tree (layout clash for {src})")
@@ -70,12 +75,14 @@ def place_files(repo: Path, tree: Path, layout) -> list[str]:
     return new
 
 
-def package_tests(repo: Path, tree: Path, layout, new: list[str]) -> None:
-    """verl's test directories are packages; the moved tests get this repository's fixtures via conftest."""
+def package_tests(repo: Path, tree: Path, layout, new: list[str], files: dict[Path, str]) -> None:
+    """verl's test directories are packages; the moved tests get this repository's fixtures via conftest once the
+    series has brought the helper package."""
     fixtures = tree / "tests/mtp_rl_support/pytest_fixtures.py"
-    fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/conftest.py").read_text()))
-    new.append("tests/mtp_rl_support/pytest_fixtures.py")
-    test_dirs = {(tree / d).parent for d in layout.files.values() if d.startswith("tests/")}
+    if (tree / "tests/mtp_rl_support/__init__.py").exists() and not fixtures.exists():
+        fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/conftest.py").read_text()))
+        new.append("tests/mtp_rl_support/pytest_fixtures.py")
+    test_dirs = {(tree / d).parent for d in files.values() if d.startswith("tests/")}
     for test_dir in sorted(test_dirs):
         for pkg in [test_dir, *test_dir.parents]:
             if pkg == tree / "tests" or tree not in pkg.parents:
@@ -84,38 +91,38 @@ def package_tests(repo: Path, tree: Path, layout, new: list[str]) -> None:
                 (pkg / "__init__.py").write_text(LICENSE_HEADER)
                 new.append(str((pkg / "__init__.py").relative_to(tree)))
         conftest = test_dir / "conftest.py"
-        if test_dir.name != "mtp_rl_support":
+        if test_dir.name != "mtp_rl_support" and fixtures.exists():
             text = conftest.read_text() if conftest.exists() else LICENSE_HEADER + "\n"
             if not conftest.exists():
                 new.append(str(conftest.relative_to(tree)))
-            conftest.write_text(text + CONFTEST_LINE)
+            if CONFTEST_LINE not in text:
+                conftest.write_text(text + CONFTEST_LINE)
 
 
-def diff_report(pristine: Path, tree: Path, out: Path) -> list[tuple[str, int, int]]:
-    """Write the whole change as one patch; return (file, added, removed) for verl's pre-existing files."""
+def diff_trees(old_tree: Path, tree: Path) -> tuple[str, list[tuple[str, int, int, bool]]]:
+    """The unified diff from ``old_tree`` to ``tree``, and per changed file (path, added, removed, existed)."""
     rows, chunks = [], []
-    caches = {"__pycache__", ".ruff_cache", ".pytest_cache", ".hypothesis"}
-    for path in sorted(p for p in tree.rglob("*") if p.is_file() and not caches & set(p.parts)):
+    for path in sorted(p for p in tree.rglob("*") if p.is_file() and not CACHES & set(p.parts)):
         rel = str(path.relative_to(tree))
-        old_path = pristine / rel
+        old_path = old_tree / rel
         if old_path.exists() and old_path.read_bytes() == path.read_bytes():
             continue
         old = old_path.read_text().splitlines(keepends=True) if old_path.exists() else []
         new = path.read_text().splitlines(keepends=True)
         lines = list(difflib.unified_diff(old, new, f"a/{rel}" if old_path.exists() else "/dev/null", f"b/{rel}"))
         chunks += lines
-        if old_path.exists():
-            added = sum(1 for x in lines if x.startswith("+") and not x.startswith("+++"))
-            removed = sum(1 for x in lines if x.startswith("-") and not x.startswith("---"))
-            rows.append((rel, added, removed))
-    (out / "verl-mtp-rl.patch").write_text("".join(chunks))
-    return rows
+        added = sum(1 for x in lines if x.startswith("+") and not x.startswith("+++"))
+        removed = sum(1 for x in lines if x.startswith("-") and not x.startswith("---"))
+        rows.append((rel, added, removed, old_path.exists()))
+    return "".join(chunks), rows
 
 
-def print_diff_table(rows: list[tuple[str, int, int]], generated: list[str]) -> None:
+def print_diff_table(rows: list[tuple[str, int, int, bool]], generated: list[str]) -> None:
     print("diff to verl's pre-existing files (lines added / removed):")
     totals = {"edited": [0, 0], "generated": [0, 0]}
-    for rel, added, removed in rows:
+    for rel, added, removed, existed in rows:
+        if not existed:
+            continue
         kind = "generated" if rel in generated else "edited"
         totals[kind][0] += added
         totals[kind][1] += removed
@@ -176,6 +183,29 @@ else:
 """
 
 
+EXAMPLE_CHECK = """
+import re, sys
+from hydra import compose, initialize_config_module
+from verl.utils.config import omega_conf_to_dataclass
+text = open(sys.argv[1]).read()
+args = [a.strip("'\\"").replace("${DATA_HOME}", "/data") for a in re.findall(r"^    (\\S.*?) \\\\$", text, re.M)]
+with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+    cfg = compose(config_name="ppo_megatron_trainer", overrides=args)
+mtp = omega_conf_to_dataclass(cfg.actor_rollout_ref.model.mtp)
+assert mtp.is_rl and mtp.occ.enable, mtp
+print(f"example: {len(args)} overrides compose with verl's ppo_megatron_trainer (mtp_loss_type={mtp.mtp_loss_type}, "
+      f"occ.enable={mtp.occ.enable})")
+"""
+
+
+def check_example(tree: Path, python: str, env: dict) -> int:
+    """The example launch script's overrides compose with verl's own config into an ``rl`` + OCC ``MtpConfig``."""
+    done = subprocess.run([python, "-c", EXAMPLE_CHECK, verl_edits.EXAMPLE], cwd=tree, env=env, capture_output=True,
+                          text=True)
+    print(done.stdout.strip() or f"example: does not compose\n{done.stderr[-3000:]}")
+    return done.returncode
+
+
 def lint_new_files(tree: Path, python: str, cache: Path, new: list[str]) -> list[str]:
     """verl's pre-commit ruff hooks on the new Python files (``--fix``, then format); the findings left."""
     ruff = cache / "lint/bin/ruff"
@@ -223,23 +253,30 @@ def pytest_run(tree: Path, python: str, env: dict, tests: list[str], label: str)
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--asyncio-mode=auto", "-rfE"]
     cmd.append("--continue-on-collection-errors")
     proc = subprocess.run([*cmd, *tests], cwd=tree, env=env, capture_output=True, text=True)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)"
-    print(f"--- {label}: {len(tests)} files -> {summary}", flush=True)
+    print(f"--- {label}: {len(tests)} files -> {_summary(proc.stdout)}", flush=True)
     if proc.returncode != 0:
         print(proc.stdout[-8000:], proc.stderr[-3000:], sep="\n")
     return proc.returncode, proc.stdout
+
+
+def _summary(stdout: str) -> str:
+    """pytest's last line (counts and time)."""
+    return stdout.strip().splitlines()[-1] if stdout.strip() else "(no output)"
 
 
 def _failing(stdout: str) -> set[str]:
     return set(re.findall(r"^(?:FAILED|ERROR) (\S+)", stdout, re.M))
 
 
-def run_verl_own_tests(tree: Path, pristine: Path, python: str, env: dict, deps: Path, tests: list[str]) -> int:
-    """verl's own tests in the patched tree; a failure counts only if the same test passes in unpatched verl
-    (the patch broke it), not if it fails there too (this machine lacks one of verl's dependencies)."""
-    rc, stdout = pytest_run(tree, python, env, tests, "verl's own tests")
+def run_verl_own_tests(
+    tree: Path, pristine: Path, python: str, env: dict, deps: Path, tests: list[str], label: str
+) -> tuple[int, str]:
+    """verl's own tests in the patched tree, and pytest's summary; a failure counts only if the same test passes
+    in unpatched verl (the patch broke it), not if it fails there too (this machine lacks one of verl's
+    dependencies)."""
+    rc, stdout = pytest_run(tree, python, env, tests, label)
     if rc == 0:
-        return 0
+        return 0, _summary(stdout)
     failing = _failing(stdout)
     files = sorted({test_id.split("::")[0] for test_id in failing})
     _, base_stdout = pytest_run(pristine, python, isolated_env(pristine, deps), files, "same files in unpatched verl")
@@ -248,22 +285,78 @@ def run_verl_own_tests(tree: Path, pristine: Path, python: str, env: dict, deps:
         f"failing in the patched tree: {len(failing)}; failing in unpatched verl too: {len(failing - caused)};",
         f"caused by the change: {sorted(caused) or 'none'}",
     )
-    return 1 if caused or not failing else 0
+    return (1 if caused or not failing else 0), _summary(stdout)
 
 
-def run_tests(tree: Path, pristine: Path, python: str, deps: Path, moved: list[str]) -> int:
-    """The isolation proof, then verl's own CPU tests of the changed modules, then the moved tests."""
+def run_tests(tree: Path, pristine: Path, python: str, deps: Path, step, all_moved: set[str]) -> dict:
+    """verl's own CPU tests of the changed modules (not the series' tests, ``all_moved``), then the step's own
+    tests, in the step's tree; at the last step first the isolation proof. Returns label -> pytest's summary
+    line, and "rc"."""
+    moved, label = step.moved, step.label
     env = isolated_env(tree, deps)
-    proof = subprocess.run([python, "-c", PROOF, str(tree)], cwd=tree, env=env, text=True, capture_output=True)
-    print(proof.stdout.strip() or proof.stderr[-3000:])
-    if proof.returncode != 0:
-        return proof.returncode
-    own = verl_own_tests(tree, set(moved))
-    print("verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
-    print("moved MTP-RL tests:", *moved, sep="\n  ", flush=True)
-    rc_own = run_verl_own_tests(tree, pristine, python, env, deps, own)
-    rc_moved, _ = pytest_run(tree, python, env, moved, "moved MTP-RL tests")
-    return rc_own or rc_moved
+    if step.number == len(series.SERIES):
+        done = subprocess.run([python, "-c", PROOF, str(tree)], cwd=tree, env=env, text=True, capture_output=True)
+        print(done.stdout.strip() or done.stderr[-3000:])
+        if done.returncode != 0:
+            return {"rc": done.returncode}
+    own = verl_own_tests(tree, all_moved)
+    print(f"{label}: verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
+    print(f"{label}: its MTP-RL tests:", *moved, sep="\n  ", flush=True)
+    rc_own, own_summary = run_verl_own_tests(tree, pristine, python, env, deps, own, f"{label}: verl's own tests")
+    rc_moved, stdout = pytest_run(tree, python, env, moved, f"{label}: its MTP-RL tests")
+    results = {"verl's own tests": own_summary if own else None, "its tests": _summary(stdout) if moved else None}
+    return {**results, "rc": rc_own or rc_moved}
+
+
+@dataclass
+class Step:
+    """One pull request of the series, built on the previous ones: its tree (a snapshot) and its change."""
+
+    number: int
+    pr: series.PullRequest
+    tree: Path
+    new: list[str]
+    moved: list[str]
+    rows: list[tuple[str, int, int, bool]]
+    results: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"PR {self.number} ({self.pr.slug})"
+
+
+def build_series(args, pristine: Path, tree: Path, layout) -> list[Step]:
+    """Apply the series to ``tree`` one pull request at a time; snapshot each step and write its patch."""
+    owner = series.assign(layout, REPO)
+    deps = test_deps(args.python, args.cache)
+    out = args.out.resolve()
+    (out / "series").mkdir(parents=True, exist_ok=True)
+    steps, previous = [], pristine
+    for number, pr in enumerate(series.SERIES, 1):
+        files = {src: dest for src, dest in layout.files.items() if owner[src] == number - 1}
+        new = place_files(REPO, tree, layout, files)
+        package_tests(REPO, tree, layout, new, files)
+        for edit in pr.edits:
+            verl_edits.EDITS[edit](tree, REPO, layout, files)
+        if "config" in pr.edits:
+            run_python = partial(_python_output, args.python, tree, isolated_env(tree, deps))
+            verl_edits.regenerate_reference_configs(tree, run_python)
+        lint_new_files(tree, args.python, args.cache, new)
+        snapshot = out / "steps" / f"{number:02d}-{pr.slug}"
+        shutil.copytree(tree, snapshot, ignore=shutil.ignore_patterns(*CACHES))
+        patch, rows = diff_trees(previous, snapshot)
+        (out / "series" / f"{number:02d}-{pr.slug}.patch").write_text(patch)
+        moved = sorted(d for d in files.values() if re.search(r"/test_[^/]*_on_cpu\.py$", d))
+        steps.append(Step(number, pr, snapshot, new, moved, rows))
+        previous = snapshot
+    return steps
+
+
+def print_series(steps: list[Step]) -> None:
+    """Per pull request: its title and size."""
+    print(f"series: {len(steps)} pull requests, each applied on the previous ones")
+    for step in steps:
+        print(f"  {step.label}: {step.pr.title}\n    {series_doc.size_line(step.rows)}")
 
 
 def main(argv=None) -> int:
@@ -274,23 +367,38 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(default_cache).expanduser())
     parser.add_argument("--python", default=sys.executable, help="interpreter for the tests in the patched tree")
     parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--doc", type=Path, help="write the series' description into this file's generated section")
     args = parser.parse_args(argv)
     start = time.monotonic()
 
     pristine, tree = verl_source.fresh_copies(args.target, args.cache, args.out.resolve())
     layout = layout_mod.build_layout(REPO, tree)
-    new = place_files(REPO, tree, layout)
-    package_tests(REPO, tree, layout, new)
-    docs_existed = verl_edits.apply_all(tree, REPO, layout)["docs/advance/mtp.md"]
-    deps = test_deps(args.python, args.cache)
-    env = isolated_env(tree, deps)
-    generated = verl_edits.regenerate_reference_configs(tree, partial(_python_output, args.python, tree, env))
-    findings = lint_new_files(tree, args.python, args.cache, new)
-    rows = diff_report(pristine, tree, args.out.resolve())
+    steps = build_series(args, pristine, tree, layout)
+    report_whole_change(args, pristine, tree, [d for step in steps for d in step.new])
+    print_series(steps)
+    rc = check_example(tree, args.python, isolated_env(tree, test_deps(args.python, args.cache)))
+    if not args.no_tests:
+        deps = test_deps(args.python, args.cache)
+        all_moved = {test for step in steps for test in step.moved}
+        for step in steps:
+            step.results = run_tests(step.tree, pristine, args.python, deps, step, all_moved)
+            rc = rc or step.results["rc"]
+    if args.doc:
+        series_doc.write(args.doc, steps, tested=not args.no_tests)
+    print(f"{'PASSED' if rc == 0 else 'FAILED'} in {time.monotonic() - start:.0f} s")
+    return rc
 
-    print(f"patched verl tree: {tree}\nwhole change: {args.out.resolve() / 'verl-mtp-rl.patch'}")
-    print(f"new files: {len(new) + (0 if docs_existed else 1)}")
+
+def report_whole_change(args, pristine: Path, tree: Path, new: list[str]) -> None:
+    """The whole series as one patch, the edit of verl's pre-existing files, lint, licence and leftovers."""
+    out = args.out.resolve()
+    patch, rows = diff_trees(pristine, tree)
+    (out / "verl-mtp-rl.patch").write_text(patch)
+    generated = [rel for rel, *_ in rows if "/_generated_" in rel]
+    print(f"patched verl tree: {tree}\nwhole change: {out / 'verl-mtp-rl.patch'}")
+    print(f"new files: {sum(1 for row in rows if not row[3])}")
     print_diff_table(rows, generated)
+    findings = lint_new_files(tree, args.python, args.cache, new)
     print(
         f"ruff (verl's settings) findings left in new files after --fix and format: {len(findings)}",
         *findings,
@@ -303,11 +411,6 @@ def main(argv=None) -> int:
     )
     leftovers = [d for d in new if re.search(r"\bverl_(mtp|cpu)\b", (tree / d).read_text())]
     print("files still naming verl_mtp/verl_cpu (prose only; imports are blocked):", leftovers or "none")
-
-    moved = sorted(d for d in layout.files.values() if re.search(r"/test_[^/]*_on_cpu\.py$", d))
-    rc = 0 if args.no_tests else run_tests(tree, pristine, args.python, deps, moved)
-    print(f"{'PASSED' if rc == 0 else 'FAILED'} in {time.monotonic() - start:.0f} s")
-    return rc
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ the anchor, instead of producing a patch that silently misses an integration poi
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -284,15 +287,13 @@ def add_mtp_yaml_keys(tree: Path, repo_config: Path, rewrite) -> None:
     replace_once(path, anchor, anchor + keys)
 
 
-def add_docs_section(tree: Path) -> bool:
+def add_docs_section(tree: Path) -> None:
     """Append the MTP-RL section to ``docs/advance/mtp.md``; create the file when the tree has no docs
-    (verl's source distribution ships none). Returns whether the file existed."""
+    (verl's source distribution ships none)."""
     path = tree / "docs/advance/mtp.md"
-    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    before = path.read_text().rstrip() + "\n\n" if existed else ""
+    before = path.read_text().rstrip() + "\n\n" if path.exists() else ""
     path.write_text(before + DOCS_SECTION.read_text())
-    return existed
 
 
 def regenerate_reference_configs(tree: Path, run_python) -> list[str]:
@@ -314,21 +315,64 @@ def regenerate_reference_configs(tree: Path, run_python) -> list[str]:
     return regenerated
 
 
-def add_package_data(tree: Path, layout) -> None:
+def add_package_data(tree: Path, files: dict) -> None:
     """verl's wheel carries the data files the moved modules read (``package_data`` of verl's ``setup.py``)."""
-    placed = [Path(dest) for dest in layout.files.values() if dest.startswith("verl/") and not dest.endswith(".py")]
+    placed = [Path(dest) for dest in files.values() if dest.startswith("verl/") and not dest.endswith(".py")]
     patterns = sorted({f"{dest.parent.relative_to('verl').as_posix()}/*{dest.suffix}" for dest in placed})
     anchor = '            "trainer/config/*.yaml",\n'
     replace_once(tree / "setup.py", anchor, anchor + "".join(f'            "{pattern}",\n' for pattern in patterns))
 
 
-def apply_all(tree: Path, repo: Path, layout) -> dict[str, bool]:
-    """Every integration edit; returns which verl files were pre-existing (for the diff report)."""
-    add_engine_hooks(tree, repo, layout.rewrite)
-    add_package_data(tree, layout)
+EXAMPLE = "examples/mtp_trainer/run_mimo-7b-rl_dapo_mtp_occ_megatron.sh"
+EXAMPLE_RECIPE = "recipe/mtp_rl/run_mimo_7b_rl_dapo.sh"
+EXAMPLE_HEADER = """#!/usr/bin/env bash
+# MiMo-7B-RL + DAPO on the Megatron backend with its MTP layer trained jointly by the policy loss, the coefficient
+# set by Optimal Coefficient Calibration (arXiv 2605.28184, main setting: 16 nodes x 8 GPUs, TP2 / PP2 / CP2).
+# Data: python3 -m verl.utils.dataset.prepare_math dapo-math-17k --output ${DATA_HOME}/data/dapo-math-17k.parquet
+#       python3 -m verl.utils.dataset.prepare_math aime-2024 --output ${DATA_HOME}/data/aime-2024.parquet
+# Baseline: actor_rollout_ref.model.mtp.mtp_loss_type=detach actor_rollout_ref.model.mtp.occ.enable=False.
+set -xeuo pipefail
+
+DATA_HOME=${DATA_HOME:-${HOME}/data/mtp_rl}
+
+python3 -m verl.trainer.main_ppo --config-path=config --config-name=ppo_megatron_trainer \\
+"""
+
+
+def _recipe_overrides(repo: Path) -> list[str]:
+    """The Hydra overrides the recipe passes to the trainer (its ``python3`` call printed, not run)."""
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "DATA_HOME": "${DATA_HOME}", "PROJECT_NAME": "mtp_rl"}
+    printed = subprocess.run(
+        ["bash", "-c", f'python3() {{ printf "%s\\n" "$@"; }}; export -f python3; bash {EXAMPLE_RECIPE}'],
+        cwd=repo, env=env, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    if printed[:2] != ["-m", "verl_mtp.trainer.main_ppo"]:
+        raise AnchorError(f"{EXAMPLE_RECIPE} no longer launches python3 -m verl_mtp.trainer.main_ppo: {printed[:2]}")
+    return printed[2:]
+
+
+def add_example_script(tree: Path, repo: Path) -> None:
+    """verl's ``examples/`` gains the recipe's main run as one of its launch scripts (verl's trainer and config)."""
+    quoted = [f'"{arg}"' if "${" in arg else shlex.quote(arg) for arg in _recipe_overrides(repo)]
+    path = tree / EXAMPLE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(EXAMPLE_HEADER + "".join(f"    {arg} \\\n" for arg in quoted) + '    "$@"\n')
+    path.chmod(0o755)
+
+
+def _config_edits(tree: Path, repo: Path, layout, files: dict) -> None:
+    add_package_data(tree, files)
     add_mtp_config_fields(tree, repo, layout.rewrite)
     drop_config_class_from_moved_module(tree, layout.modules["verl_mtp.workers.config.mtp"])
     export_mtp_config(tree)
     add_mtp_yaml_keys(tree, repo / "verl_mtp/trainer/config/mtp_ppo_megatron_trainer.yaml", layout.rewrite)
-    docs_existed = add_docs_section(tree)
-    return {"docs/advance/mtp.md": docs_existed}
+
+
+# The integration edits by name, as the pull requests of the series (series.py) make them; each takes the tree,
+# the repository, the layout and the files the same pull request places.
+EDITS = {
+    "config": _config_edits,
+    "engine": lambda tree, repo, layout, files: add_engine_hooks(tree, repo, layout.rewrite),
+    "docs": lambda tree, repo, layout, files: add_docs_section(tree),
+    "example": lambda tree, repo, layout, files: add_example_script(tree, repo),
+}

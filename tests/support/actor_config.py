@@ -1,4 +1,4 @@
-"""verl's actor config as verl-mtp's trainer config composes it, for the tests that call verl's ``ppo_loss``."""
+"""verl's actor config as the MTP-RL trainer config composes it, for the tests that call verl's ``ppo_loss``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The product's Megatron engine with only what one micro-batch's forward and loss read (``__init__`` skipped).
+"""The Megatron engine with the MTP hooks, holding only what one micro-batch's forward and loss read (no
+``__init__``).
 
 Tests drive verl's own model-engine forward (``gptmodel_forward_model_engine``) with the engine's logits
 processor, then the engine's ``postprocess_micro_batch_func``, on a tiny GPTModel built in the test process.

@@ -1,4 +1,4 @@
-"""One actor micro-batch through verl-mtp's engine on a real tiny GPTModel, without verl's worker.
+"""One actor micro-batch through the engine with the MTP hooks on a real tiny GPTModel, without verl's worker.
 
 :func:`prepared_engine` does to the model what the engine's ``initialize`` does (its ``_maybe_enable_fused_kernels``,
 verl's MTP patch, the regime's patches, the fused main-head capture), on an engine made without ``__init__`` (as
@@ -38,7 +38,7 @@ def actor_batch(vocab_size: int):
 
 
 def prepared_engine(model, mtp_config, fmt: str, use_fused_kernels: bool) -> MegatronMTPEngineWithLMHead:
-    """The product engine after ``initialize`` on ``model`` (``actor_rollout_ref.model.use_fused_kernels`` as
+    """The engine after ``initialize`` on ``model`` (``actor_rollout_ref.model.use_fused_kernels`` as
     given), holding only what a micro-batch reads."""
     engine = object.__new__(MegatronMTPEngineWithLMHead)
     engine.model_config = SimpleNamespace(mtp=mtp_config)

@@ -1,4 +1,4 @@
-"""MTP head targets for test batches, gathered by the product's own ``head_targets`` (BSHD rows, no CP)."""
+"""MTP head targets for test batches, gathered by ``mtp_head_labels.head_targets`` (BSHD rows, no CP)."""
 
 from __future__ import annotations
 

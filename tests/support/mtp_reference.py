@@ -34,7 +34,7 @@ def naive_head_log_probs(model, seq: torch.Tensor, temperature: float) -> dict[i
 
 
 def apply_regime(model, mtp_config):
-    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then ours (the RL
+    """What the engine does at start-up: verl's own MTP patch with the regime's switches, then the regime's (the RL
     postprocess for ``rl``, the frozen lm_head for verl's MTP cross-entropy otherwise)."""
     patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config.with_regime_switches()))
     if mtp_config.is_rl:

@@ -11,6 +11,7 @@ unimportable.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts/upstream/make_verl_pr.py"
+DOC = "docs/upstream_pr.md"
+sys.path.insert(0, str(SCRIPT.parent))
+import series_doc  # noqa: E402  (the generator's own modules, not a package)
+from series import SERIES  # noqa: E402
 # The integration edits of verl's pre-existing code: two exports, the MTP-RL fields of ``MtpConfig`` (with their
 # documentation and imports) and the engine's hook calls in ``MegatronEngineWithLMHead``; a change that needs
 # more is a change of the upstream form and should be reviewed as such. Nothing of verl's is removed. verl's
@@ -78,18 +83,79 @@ def test_upstream_patch_is_generated_with_a_small_edit_of_verl_files(tmp_path):
     for path in tree.rglob("*.py"):  # no import of this repository's packages is left anywhere in the tree
         assert not re.search(r"^\s*(from|import) (verl_mtp|verl_cpu|support)\b", path.read_text(), re.M), path
     assert (tmp_path / "verl-mtp-rl.patch").stat().st_size > 0
+    assert re.search(r"^example: \d+ overrides compose with verl's ppo_megatron_trainer", proc.stdout, re.M)
+    assert _undocumented_yaml_keys(_added_lines((tmp_path / "verl-mtp-rl.patch").read_text(), MODEL_YAML)) == []
+    _assert_series_applies_in_order(tmp_path, tree)
+
+
+def _undocumented_yaml_keys(lines: list[str]) -> list[str]:
+    """The keys of verl's documented config style that break it: every key has a comment line right above it, no
+    comment after it on its line, and a blank line after it (verl's config-docs test for its trainer YAMLs)."""
+    bad = []
+    for i, line in enumerate(lines):
+        if not re.match(r"^\s*\w+:", line):
+            continue
+        above = lines[i - 1].strip() if i else ""
+        below = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if not above.startswith("#") or "#" in line.split(":", 1)[1] or below:
+            bad.append(line.strip())
+    return bad
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    caches = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and not caches & set(p.parts)}
+
+
+def _assert_series_applies_in_order(out: Path, tree: Path) -> None:
+    """verl's tree plus the series' patches, applied one after the other with ``patch``, is the patched tree; and
+    every step's snapshot is exactly the previous one plus its own patch."""
+    patches = sorted((out / "series").glob("*.patch"))
+    steps = sorted((out / "steps").iterdir())
+    assert len(patches) == len(steps) == len(SERIES) > 1, patches
+    work = out / "applied"
+    shutil.copytree(next((out / "pristine").iterdir()), work)
+    for patch, step in zip(patches, steps):
+        done = subprocess.run(["patch", "-p1", "-s", "-f", "-i", str(patch)], cwd=work, capture_output=True, text=True)
+        assert done.returncode == 0, (patch.name, done.stdout, done.stderr)
+        assert _files(work) == _files(step), patch.name
+    assert _files(work) == _files(tree)
+
+
+def test_upstream_pr_doc_is_the_generators_output(tmp_path):
+    """docs/upstream_pr.md's series section is what the generator writes now (test results aside: the slow test
+    checks those are the ones the doc states)."""
+    doc = tmp_path / "upstream_pr.md"
+    shutil.copy(REPO / DOC, doc)
+    proc = _generate(tmp_path / "out", "--no-tests", "--doc", str(doc))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def without_test_lines(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith(series_doc.TEST_LINE)]
+
+    assert without_test_lines(doc.read_text()) == without_test_lines((REPO / DOC).read_text()), (
+        "docs/upstream_pr.md is stale: run python scripts/upstream/make_verl_pr.py --doc docs/upstream_pr.md"
+    )
 
 
 @pytest.mark.slow  # the fast tier's model, worker and trainer tests once more, in verl's tree
 def test_upstream_tree_passes_verl_and_moved_tests(tmp_path):
-    """Long (it runs every moved MTP-RL test once, inside the patched verl tree)."""
-    proc = _generate(tmp_path)
+    """Long (it runs every moved MTP-RL test once, each in the tree of the pull request that brings it): after each
+    pull request of the series, verl's own CPU tests of the changed modules and that pull request's tests pass,
+    and the results are the ones docs/upstream_pr.md states."""
+    doc = tmp_path / "upstream_pr.md"
+    shutil.copy(REPO / DOC, doc)
+    proc = _generate(tmp_path / "out", "--doc", str(doc))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-12000:]
     isolation = r"^isolation: verl from .*; engine MegatronEngineWithLMHead; verl_mtp not importable$"
     assert re.search(isolation, out, re.M)
-    summaries = dict(re.findall(r"^--- (.+?): \d+ files -> (.*)$", out, re.M))
-    assert set(summaries) == {"verl's own tests", "moved MTP-RL tests"}, out[-4000:]
+    summaries = dict(re.findall(r"^--- (PR \d+ \(\S+\): .+?): \d+ files -> (.*)$", out, re.M))
+    ran = {label.split(":")[0] for label in summaries if label.endswith("its MTP-RL tests")}
+    assert len(ran) == sum(1 for pr in SERIES if any(src.startswith("tests/") for src in pr.sources)), out[-4000:]
     for label, summary in summaries.items():
         assert re.search(r"\d+ passed", summary) and not re.search(r"failed|error", summary), (label, summary)
     assert out.rstrip().splitlines()[-1].startswith("PASSED")
+    tests = [line for line in doc.read_text().splitlines() if line.startswith(series_doc.TEST_LINE)]
+    stated = [line for line in (REPO / DOC).read_text().splitlines() if line.startswith(series_doc.TEST_LINE)]
+    assert tests == stated, "docs/upstream_pr.md states other results: rerun make_verl_pr.py --doc docs/upstream_pr.md"

@@ -16,7 +16,7 @@
 * **MoE** (4 experts, top-2, ungrouped, local spec; the MTP layers are MoE too, as in GLM-4.5): per-head
   log-probs and every gradient equal a by-hand computation of the heads (expert parallel 1 here; 2 in
   ``tests/parallel/test_mtp_moe_expert_parallel_on_cpu.py``).
-* **verl's own MTP settings with ours**: ``enable_train`` / ``detach_encoder`` given against ``rl`` and
+* **verl's own MTP settings with the regimes'**: ``enable_train`` / ``detach_encoder`` given against ``rl`` and
   Megatron's ``mtp_loss_scaling_factor``: the rl gradients are the policy term's alone, as documented.
 
 TransformerEngine names that megatron-core 0.16.1 reads even without TE are answered as TE answers with FP8

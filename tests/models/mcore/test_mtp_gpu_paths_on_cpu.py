@@ -92,7 +92,7 @@ def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):
     with contextlib.redirect_stdout(None):  # verl's patch prints the model
         patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
     hook = patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
-    let_mtp_layers_recompute(model)  # as verl-mtp's engine does for every MTP model (megatron-core 0.18.0)
+    let_mtp_layers_recompute(model)  # as the engine does with every regime (megatron-core 0.18.0)
     if recompute:
         model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
         model.config.recompute_num_layers = 1

@@ -1,6 +1,6 @@
-"""Everything that differs between the Megatron-Core versions verl-mtp runs on, in one place.
+"""Everything that differs between the Megatron-Core versions the MTP regimes run on, in one place.
 
-Tested: megatron-core 0.16.1, 0.18.0 (verl 0.9.x's pin) and 0.19.2. The rest of the product asks this module
+Tested: megatron-core 0.16.1, 0.18.0 (verl 0.9.x's pin) and 0.19.2. The rest of the MTP-RL code asks this module
 instead of branching on versions itself:
 
 - the transformer layer inside a ``MultiTokenPredictionLayer`` is ``transformer_layer`` up to 0.16 and
@@ -28,7 +28,7 @@ import verl.models.mcore.mtp_patch as verl_mtp_patch
 __all__ = ["mtp_inner_layer", "adapt_mbridge_mtp_names", "keep_mtp_ce_off_lm_head", "let_mtp_layers_recompute"]
 
 _INNER_LAYER_NAMES = ("mtp_model_layer", "transformer_layer")  # 0.17+, then <= 0.16
-_FROZEN_FOR_MTP_CE = "_verl_mtp_frozen_for_mtp_ce"
+_FROZEN_FOR_MTP_CE = "_frozen_for_mtp_ce"
 
 
 def mtp_inner_layer(mtp_layer: torch.nn.Module) -> torch.nn.Module:

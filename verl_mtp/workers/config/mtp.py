@@ -88,7 +88,7 @@ REGIMES_FILE = "mtp_regimes.yaml"
 
 
 def _register_listed_regimes() -> None:
-    """Register verl-mtp's own regimes, listed as data in ``mtp_regimes.yaml`` next to this module: the one list,
+    """Register the regimes listed as data in ``mtp_regimes.yaml`` next to this module: the one list,
     which tools that must not import verl to read it (the local example's launcher) read too."""
     listed = yaml.safe_load(files(__package__).joinpath(REGIMES_FILE).read_text())
     for name, fields in listed.items():
@@ -102,7 +102,8 @@ _register_listed_regimes()
 class OCCConfig(BaseConfig):
     """Optimal Coefficient Calibration: ``lambda = lambda_plus * sum(dRL*dMTP) / (sum(dMTP^2) + eps)``.
 
-    Paper settings: ``lambda_plus``, ``eps``. Ours (off or neutral by default, documented in docs/mtp_rl.md):
+    Paper settings: ``lambda_plus``, ``eps``. Not in the paper (off or neutral by default, documented in
+    docs/mtp_rl.md):
 
     scope: ``micro_batch`` sums over the micro-batch's response tokens; ``data_parallel`` all-reduces the
         OCC sums over the data-parallel group first (one collective of 5 floats per head and micro-batch).
@@ -233,8 +234,8 @@ class MtpRLConfig(MtpConfig):
         the hidden states' dtype. 0 runs the head through Megatron's output layer and keeps its logits (more
         memory). With verl's ``use_fused_kernels=True`` (any regime) the main head is scored in chunks of this
         size too, so it must be > 0 there.
-    detached_head_ce_coef: ``rl`` only, ours, off (0) by default. When > 0 the heads are run a second time on
-        detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
+    detached_head_ce_coef: ``rl`` only, not in the paper, off (0) by default. When > 0 the heads are run a second
+        time on detached trunk inputs and get Megatron's cross-entropy on the sampled tokens with this coefficient
         (split over heads), so they keep learning as in ``detach`` (speculative-decoding drafts stay fresh)
         while lambda alone decides what the MTP term sends into the trunk. Costs one more forward and
         backward of the MTP layers (not of the trunk).

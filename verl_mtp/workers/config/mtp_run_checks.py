@@ -30,11 +30,11 @@ SPECULATIVE_ROLLOUTS = ("vllm", "sglang")
 
 
 def check_mtp_actor_strategy(mtp, strategy: str) -> None:
-    """The regimes are implemented by verl-mtp's Megatron engine; any other actor would ignore them."""
+    """The regimes are implemented by the Megatron engine's MTP hooks; any other actor would ignore them."""
     if mtp.mtp_loss_type is not None and strategy != "megatron":
         raise ValueError(
-            f"{MTP}.mtp_loss_type={mtp.mtp_loss_type} needs actor_rollout_ref.actor.strategy=megatron (verl-mtp's "
-            f"engine), got strategy={strategy}: set the Megatron actor, or {MTP}.mtp_loss_type=null."
+            f"{MTP}.mtp_loss_type={mtp.mtp_loss_type} needs actor_rollout_ref.actor.strategy=megatron (the engine "
+            f"with the MTP hooks), got strategy={strategy}: set the Megatron actor, or {MTP}.mtp_loss_type=null."
         )
 
 
