@@ -38,7 +38,7 @@ ISOLATION = HERE / "isolation"
 # verl's header for a contribution by individuals, as on its 2025 files (``Copyright 2025 Individual
 # Contributor: <name>``, the form verl's tests/special_sanity/check_license.py accepts) with the Apache text.
 LICENSE_HEADER = """\
-# Copyright 2025 Individual Contributor: the verl-mtp authors
+# Copyright 2025 Individual Contributor: the MTP-RL authors
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -56,6 +56,8 @@ LICENSE_HEADER = """\
 RUFF = "ruff==0.12.2"
 # verl's `test` extra (pytest-asyncio) where the interpreter lacks it; installed once into the cache.
 TEST_DEPS = ("pytest-asyncio",)
+# What the plugin's own prose says that verl's would not: its package names, "ours", "the product".
+LEFTOVER = re.compile(r"\bverl[-_](?:mtp|cpu)\b|\bours\b|\bthe product\b|\bproduct's\b|\bupstream form\b", re.I)
 CACHES = {"__pycache__", ".ruff_cache", ".pytest_cache", ".hypothesis"}
 CONFTEST_LINE = "from tests.mtp_rl_support.pytest_fixtures import *  # noqa: F401,F403\n"
 # verl modules the integration edits: verl's own CPU tests that name one of them are run too.
@@ -156,9 +158,20 @@ def test_deps(python: str, cache: Path) -> Path:
     return target
 
 
+def mcore_overlay() -> list[str]:
+    """The megatron-core version ``VERL_MTP_MCORE`` names, from where this repository's test commands install it
+    (``scripts/venv_path.sh --overlay``; nothing for the default version)."""
+    venv_path = REPO / "scripts/venv_path.sh"
+    overlay = subprocess.run(["bash", str(venv_path), "--overlay"], capture_output=True, text=True, check=True)
+    path = overlay.stdout.strip()
+    if path and not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} does not exist: VERL_MTP_MCORE=<version> bash scripts/setup_env.sh installs it")
+    return [path] if path else []
+
+
 def isolated_env(tree: Path, deps: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(ISOLATION), str(deps)])
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *mcore_overlay(), str(ISOLATION), str(deps)])
     env.pop("VERL_USE_EXTERNAL_MODULES", None)
     env.pop("VERL_PLATFORM", None)
     return env
@@ -379,6 +392,8 @@ def main(argv=None) -> int:
     rc = check_example(tree, args.python, isolated_env(tree, test_deps(args.python, args.cache)))
     if not args.no_tests:
         deps = test_deps(args.python, args.cache)
+        version = "import megatron.core as m; print(m.__version__)"
+        print("tests on megatron-core", _python_output(args.python, tree, isolated_env(tree, deps), ["-c", version]).strip())
         all_moved = {test for step in steps for test in step.moved}
         for step in steps:
             step.results = run_tests(step.tree, pristine, args.python, deps, step, all_moved)
@@ -409,8 +424,9 @@ def report_whole_change(args, pristine: Path, tree: Path, new: list[str]) -> Non
         "license headers (verl's check_license.py):",
         "not in this tree" if missing is None else missing or "all present",
     )
-    leftovers = [d for d in new if re.search(r"\bverl_(mtp|cpu)\b", (tree / d).read_text())]
-    print("files still naming verl_mtp/verl_cpu (prose only; imports are blocked):", leftovers or "none")
+    leftovers = {d: sorted(set(LEFTOVER.findall((tree / d).read_text()))) for d in new}
+    leftovers = {d: words for d, words in leftovers.items() if words}
+    print("plugin words left in new files (verl_mtp, verl-mtp, ours, product, upstream form):", leftovers or "none")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ class _ChunkBuffers(NamedTuple):
 
 
 def _chunk_buffers(hidden, v_local, plan: _ChunkPlan) -> _ChunkBuffers:
-    """The product lands where the chunk's exponentials will be kept, in the weights' dtype, and goes to fp32
+    """The matrix product lands where the chunk's exponentials will be kept, in the weights' dtype, and goes to fp32
     (at least) in the same pass as the temperature: an fp32 model scores each chunk there, a bf16 one reuses
     one fp32 chunk buffer (a fresh buffer per chunk would cost its page faults on CPU)."""
     n = hidden.shape[0]
