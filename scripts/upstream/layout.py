@@ -41,6 +41,10 @@ TESTS_NOT_UPSTREAM = ("test_engine_registration_on_cpu.py", "test_recipes_on_cpu
 # The test-only helpers go into one package of verl's tests (the CPU platform itself is not part of the PR).
 HELPER_PACKAGE = "tests.mtp_rl_support"
 HELPER_ROOTS = (f"{PLATFORM}.testing", f"{PLATFORM}.environment")
+# The platform's testing package re-exports its modules' names; upstream each name is imported from its module
+# and the package's ``__init__`` is this docstring alone, so a test brings only the helpers it uses.
+TESTING = f"{PLATFORM}.testing"
+TESTING_INIT_TEXT = '"""Test-only helpers of the MTP-RL tests (a tiny Megatron-Core GPTModel with MTP layers on CPU and what it\nneeds); each is imported from its own module."""\n'
 
 # Names this repository's tests use for its own Hydra config, and verl's names for the patched config.
 CONFIG_RENAMES = {
@@ -51,15 +55,48 @@ CONFIG_RENAMES = {
 _DOTTED = re.compile(r"\b(?:verl_mtp|verl_cpu|support)(?:\.[A-Za-z_]\w*)*")
 
 
+def testing_exports(repo: Path) -> dict[str, str]:
+    """Name -> module for every name the platform's testing package re-exports."""
+    init = ast.parse((repo / Path(*TESTING.split(".")) / "__init__.py").read_text())
+    return {
+        alias.asname or alias.name: node.module
+        for node in init.body
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        for alias in node.names
+    }
+
+
+def import_from_modules(text: str, exports: dict[str, str]) -> str:
+    """Each ``from <testing package> import a, b`` statement split into imports from the modules defining them."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:  # not Python (YAML, Markdown)
+        return text
+    lines = text.splitlines(keepends=True)
+    statements = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == TESTING and n.level == 0]
+    for node in sorted(statements, key=lambda n: n.lineno, reverse=True):
+        indent = lines[node.lineno - 1][: node.col_offset]
+        by_module: dict[str, list[str]] = {}
+        for alias in node.names:
+            name = alias.name if alias.asname is None else f"{alias.name} as {alias.asname}"
+            by_module.setdefault(exports[alias.name], []).append(name)
+        lines[node.lineno - 1 : node.end_lineno] = [
+            f"{indent}from {module} import {', '.join(names)}\n" for module, names in sorted(by_module.items())
+        ]
+    return "".join(lines)
+
+
 @dataclass
 class Layout:
     """Source path -> path in verl's tree, and old module name -> new module name."""
 
     files: dict[Path, str] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
+    testing_exports: dict[str, str] = field(default_factory=dict)
 
     def rewrite(self, text: str) -> str:
         """Replace every dotted module reference by its verl name (longest known prefix wins)."""
+        text = import_from_modules(text, self.testing_exports)
 
         def sub(match: re.Match) -> str:
             name = match.group(0)
@@ -138,13 +175,17 @@ def _source_of(repo: Path, module: str) -> Path | None:
 
 
 def helper_modules(repo: Path, tests: list[Path]) -> list[Path]:
-    """The test-only helpers the moved tests need: ``tests/support`` modules and the platform's testing
-    package with everything of the platform it imports (closure over imports)."""
+    """The test-only helpers the moved tests need: ``tests/support`` modules and the platform's modules they
+    import, with everything of the platform those import (closure over imports; a name of the testing package
+    counts as its module)."""
+    exports = testing_exports(repo)
     todo = [m for t in tests for m in _imports(repo / t) if m.split(".")[0] in ("support", PLATFORM)]
     todo += list(HELPER_ROOTS)
     seen: dict[str, Path] = {}
     while todo:
         name = todo.pop()
+        if name.startswith(TESTING + ".") and name.removeprefix(TESTING + ".") in exports:
+            name = exports[name.removeprefix(TESTING + ".")]
         top = "tests" if name.split(".")[0] == "support" else ""
         source = _source_of(repo / top, name) if top else _source_of(repo, name)
         if source is None or name in seen or source in seen.values():
@@ -152,13 +193,14 @@ def helper_modules(repo: Path, tests: list[Path]) -> list[Path]:
         if source.name == "__init__.py" and source.parent.name == PLATFORM:
             continue  # the platform's package docstring only; its modules are taken one by one
         seen[name] = source
-        todo += [m for m in _imports(source) if m.split(".")[0] in ("support", PLATFORM)]
+        if name != TESTING:  # the package's own re-exports are not followed (see TESTING_INIT_TEXT)
+            todo += [m for m in _imports(source) if m.split(".")[0] in ("support", PLATFORM)]
     return sorted(p.relative_to(repo) for p in seen.values())
 
 
 def build_layout(repo: Path, verl_root: Path) -> Layout:
     """Every file to place in ``verl_root`` and the module renames to apply to their text."""
-    layout = Layout()
+    layout = Layout(testing_exports=testing_exports(repo))
     # the engine subclass's methods join verl's class in verl's module of the same path
     layout.modules[_module_name(Path(PRODUCT, ENGINE_SUBCLASS))] = _module_name(Path("verl", ENGINE_SUBCLASS))
     for rel in product_modules(repo):

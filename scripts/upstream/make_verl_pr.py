@@ -64,6 +64,10 @@ CONFTEST_LINE = "from tests.mtp_rl_support.pytest_fixtures import *  # noqa: F40
 CHANGED_MODULES = ("verl.workers.config", "verl.workers.engine", "verl.trainer.config", "MtpConfig", "hf_model")
 
 
+def _is_testing_init(src: Path) -> bool:
+    return src == Path(*layout_mod.TESTING.split("."), "__init__.py")
+
+
 def place_files(repo: Path, tree: Path, layout, files: dict[Path, str]) -> list[str]:
     """Copy ``files`` (laid-out source -> destination) with their imports rewritten; returns the new paths."""
     new = []
@@ -72,7 +76,8 @@ def place_files(repo: Path, tree: Path, layout, files: dict[Path, str]) -> list[
         if target.exists():
             raise FileExistsError(f"{dest} already exists in verl's tree (layout clash for {src})")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(LICENSE_HEADER + layout.rewrite((repo / src).read_text()))
+        text = layout_mod.TESTING_INIT_TEXT if _is_testing_init(src) else layout.rewrite((repo / src).read_text())
+        target.write_text(LICENSE_HEADER + text)
         new.append(dest)
     return new
 
@@ -81,7 +86,7 @@ def package_tests(repo: Path, tree: Path, layout, new: list[str], files: dict[Pa
     """verl's test directories are packages; the moved tests get this repository's fixtures via conftest once the
     series has brought the helper package."""
     fixtures = tree / "tests/mtp_rl_support/pytest_fixtures.py"
-    if (tree / "tests/mtp_rl_support/__init__.py").exists() and not fixtures.exists():
+    if (tree / "tests/mtp_rl_support/tiny_gpt.py").exists() and not fixtures.exists():
         fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/conftest.py").read_text()))
         new.append("tests/mtp_rl_support/pytest_fixtures.py")
     test_dirs = {(tree / d).parent for d in files.values() if d.startswith("tests/")}
