@@ -29,9 +29,11 @@ class UploadingCheckpointManager:
         pass
 
 
-def engine_with_occ(carried: dict[int, float], initial_lambda: float = 0.0) -> MegatronMTPEngineWithLMHead:
+def engine_with_occ(
+    carried: dict[int, float], initial_lambda: float = 0.0, carry_last_lambda: bool = True
+) -> MegatronMTPEngineWithLMHead:
     """The engine whose OCC state carries ``carried`` (head -> lambda), set through OCC itself."""
-    occ = {"enable": True, "carry_last_lambda": True, "initial_lambda": initial_lambda}
+    occ = {"enable": True, "carry_last_lambda": carry_last_lambda, "initial_lambda": initial_lambda}
     mtp = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=occ)
     engine = MegatronMTPEngineWithLMHead.__new__(MegatronMTPEngineWithLMHead)
     engine.model_config = SimpleNamespace(mtp=mtp)

@@ -33,9 +33,7 @@ in ``rl``) off the lm_head, as verl does on 0.16, and let verl's mbridge load MT
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from functools import partial
 
 import torch
@@ -71,6 +69,7 @@ from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings, check_megatron_mtp_settings
 from verl_mtp.workers.config.mtp_run_checks import check_mtp_megatron_layout
 from verl_mtp.workers.engine.megatron.mtp_engine_state import MtpEngineState
+from verl_mtp.workers.engine.megatron.mtp_occ_checkpoint import load_occ_state_file, save_occ_state_file
 from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
 
 logger = logging.getLogger(__name__)
@@ -258,28 +257,23 @@ def align_outputs(engine, output: dict) -> dict:
     return align_mtp_outputs(split_mtp_channels(output, _channel_keys(engine)))
 
 
-def _occ_state_path(local_path: str) -> str:
-    return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
-
-
 def save_occ_state(engine, local_path: str) -> None:
-    """This rank's OCC state, before verl's checkpoint (MTP weights are part of the Megatron model state).
+    """This rank's OCC state (:mod:`~verl_mtp.workers.engine.megatron.mtp_occ_checkpoint`), before verl's
+    checkpoint (MTP weights are part of the Megatron model state).
 
     It goes first: verl's checkpoint manager uploads ``local_path`` to ``hdfs_path``
     (``trainer.default_hdfs_dir``) at the end of its own save, and the state must be in that copy.
     """
     if is_mtp_rl(engine):
-        os.makedirs(local_path, exist_ok=True)
-        with open(_occ_state_path(local_path), "w") as f:
-            json.dump(engine.mtp_state.occ_state.state_dict(), f)
+        save_occ_state_file(engine.mtp_state.occ_state, local_path)
 
 
 def load_occ_state(engine, local_path: str) -> None:
-    """Read before verl's own load: verl may delete the local copy after loading."""
-    occ_path = _occ_state_path(local_path) if is_mtp_rl(engine) else None
-    if occ_path and os.path.exists(occ_path):
-        with open(occ_path) as f:
-            engine.mtp_state.occ_state.load_state_dict(json.load(f))
+    """Read before verl's own load (verl may delete the local copy after loading), where this run uses it: OCC's
+    lambdas carried across signal-free micro-batches (``occ.enable`` with ``occ.carry_last_lambda``)."""
+    occ = engine.model_config.mtp.occ
+    if is_mtp_rl(engine) and occ.enable and occ.carry_last_lambda:
+        load_occ_state_file(engine.mtp_state.occ_state, local_path)
 
 
 def mtp_loss_function(engine, loss_function, forward_only: bool):
