@@ -253,13 +253,14 @@ def main_head_scores(logits, labels, temperature, main_head) -> dict:
     a main-head capture (``use_fused_kernels``) the chunked function on the captured hidden states."""
     from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
     from verl_mtp.workers.engine.megatron import mtp_engine_hooks
+    from verl_mtp.workers.engine.megatron.mtp_engine_state import MtpEngineState
 
     flags = dict(
         calculate_sum_pi_squared=False, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
         logits_processor_func=None,
     )
     if main_head is not None:
-        engine = SimpleNamespace(main_head_capture={"model": main_head})
+        engine = SimpleNamespace(mtp_state=MtpEngineState(main_head_capture={"model": main_head}))
         return mtp_engine_hooks.fused_main_head_scores(engine, labels, temperature, **flags)
     verl_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False))
     return MegatronEngineWithLMHead._lm_head_logits_processor(

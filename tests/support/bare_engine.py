@@ -32,6 +32,6 @@ def bare_engine(hook: MTPRLPostprocess, mtp_cfg: MtpRLConfig, fmt: str = "thd") 
         mtp_num_layers=hook.model.config.mtp_num_layers, calculate_per_token_loss=False
     )
     mtp_engine_hooks.init_mtp_state(engine)
-    engine.occ_state = OCCState(mtp_cfg.occ)
-    engine.rl_postprocess = {hook.model: hook}
+    engine.mtp_state.occ_state = OCCState(mtp_cfg.occ)
+    engine.mtp_state.rl_postprocess = {hook.model: hook}
     return engine

@@ -62,7 +62,7 @@ class MicroBatch:
 
     def loss(self, mode=None, coefficients=None):
         """``(loss, metrics)`` of the micro-batch with the engine in loss mode ``mode``."""
-        self.engine._mtp_loss_mode, self.engine._mtp_coefficients = mode, coefficients
+        self.engine.mtp_state.loss_mode, self.engine.mtp_state.coefficients = mode, coefficients
         data = actor_batch()
         processor = partial(
             self.engine._lm_head_logits_processor, calculate_sum_pi_squared=False, calculate_entropy=False,
@@ -173,7 +173,7 @@ def test_given_coefficients_replace_the_proxy_and_the_proxy_is_logged_next_to_th
     _, proxy_metrics = mb.loss(None)
     assert not any("occ_grad" in k for k in proxy_metrics)
     given = torch.tensor([0.25, -0.5], dtype=torch.float64)
-    mb.engine._mtp_diagnosed = True
+    mb.engine.mtp_state.diagnosed = True
     _, metrics = mb.loss(None, coefficients=given)
     for k in (1, 2):
         assert metrics[f"actor/mtp_{k}/coef_applied"] == pytest.approx(float(given[k - 1]))

@@ -33,6 +33,7 @@ from verl_mtp.models.mcore.main_head_scoring import MainHeadCapture
 from verl_mtp.workers.config import MtpRLConfig, OCCConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings
 from verl_mtp.workers.engine.megatron import mtp_engine_hooks
+from verl_mtp.workers.engine.megatron.mtp_engine_state import MtpEngineState
 
 pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
@@ -78,7 +79,7 @@ def test_fused_main_head_equals_the_unfused_path(regime, fmt, k, tied):
     plain_engine, plain, plain_widths = train_step(regime, fmt, k, fused=False, tied=tied)
     fused_engine, fused, fused_widths = train_step(regime, fmt, k, fused=True, tied=tied)
     assert plain_widths == [VOCAB] and fused_widths == [0]  # fused: no main-head logits reached verl
-    assert fused_engine.fused_main_head and not fused_engine.engine_config.use_fused_kernels
+    assert fused_engine.mtp_state.fused_main_head and not fused_engine.engine_config.use_fused_kernels
 
     want, got = flat_outputs(plain), flat_outputs(fused)
     assert {"log_probs", "entropy"} <= set(want) and got.keys() == want.keys()
@@ -138,7 +139,7 @@ def test_start_up_refuses_a_zero_chunk_and_top_k_distillation_and_leaves_verl_al
     check_fused_main_head_settings(False, mtp_config("rl"), topk)  # verl's own fused switch off: nothing to check
     # no regime: verl's own MTP behaviour, which turns its fused kernels off
     engine = prepared_engine(build_tiny_gpt(1, seed=7, **MODEL_KW), MtpRLConfig(enable=True), "thd", True)
-    assert not engine.fused_main_head and not engine.main_head_capture
+    assert not engine.mtp_state.fused_main_head and not engine.mtp_state.main_head_capture
     assert engine.engine_config.use_fused_kernels is False
 
 
@@ -188,7 +189,7 @@ def test_fused_scoring_reads_nothing_back_to_the_host():
     labels, temperature = main_labels(ids, [9, 9]), torch.full((2, 9), 0.8)
     flags = dict(calculate_sum_pi_squared=False, calculate_entropy=True, distillation_use_topk=False,
                  distillation_only=False, logits_processor_func=None)
-    engine = SimpleNamespace(main_head_capture={model: capture})
+    engine = SimpleNamespace(mtp_state=MtpEngineState(main_head_capture={model: capture}))
     with HostReads() as fused:
         out = mtp_engine_hooks.fused_main_head_scores(engine, labels, temperature, **flags)
         (out["log_probs"].sum() + out["entropy"].sum()).backward()

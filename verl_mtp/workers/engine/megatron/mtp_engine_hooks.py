@@ -2,7 +2,8 @@
 
 The engine calls each hook at one point of its own methods (``MegatronMTPEngineWithLMHead`` here; verl's
 ``MegatronEngineWithLMHead`` itself in the upstream form), so that the behaviour lives in one place whichever
-class carries the calls. The state the hooks keep is on the engine (``occ_state``, ``rl_postprocess``, ...).
+class carries the calls. The state the hooks keep is one object, ``engine.mtp_state``
+(:class:`~verl_mtp.workers.engine.megatron.mtp_engine_state.MtpEngineState`), made by :func:`init_mtp_state`.
 
 They hand verl the regime's values of verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it
 patches the model and in every ``forward_step``), and for a regime trained by the policy loss (``rl``):
@@ -34,9 +35,7 @@ every version included (docs/mtp_rl.md, "mtp_loss_type: null").
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from functools import partial
 
 import torch
@@ -71,6 +70,8 @@ from verl_mtp.trainer.ppo.mtp_occ_gradient import (
 from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_fused_main_head_settings, check_megatron_mtp_settings
 from verl_mtp.workers.config.mtp_run_checks import check_mtp_megatron_layout
+from verl_mtp.workers.engine.megatron.mtp_engine_state import MtpEngineState
+from verl_mtp.workers.engine.megatron.mtp_occ_checkpoint import load_occ_state_file, save_occ_state_file
 from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_loss
 
 logger = logging.getLogger(__name__)
@@ -103,13 +104,7 @@ def apply_regime_switches(model_config) -> None:
 
 def init_mtp_state(engine) -> None:
     """The per-engine state of the hooks (after verl's ``__init__``)."""
-    engine.rl_postprocess: dict[torch.nn.Module, MTPRLPostprocess] = {}
-    engine.mtp_updates = 0  # mini-batch updates so far (the gradient estimator's cadence)
-    engine._mtp_loss_mode = None  # None: the full loss; "rl": the RL loss alone; k: head k's MTP loss alone
-    engine._mtp_coefficients = None  # the gradient estimator's lambdas for the update in progress
-    engine._mtp_diagnosed = False  # the gradient estimator measures the update in progress
-    engine.fused_main_head = False  # use_fused_kernels with a regime: the main head is scored in chunks
-    engine.main_head_capture: dict[torch.nn.Module, MainHeadCapture] = {}
+    engine.mtp_state = MtpEngineState()
 
 
 def has_regime(engine) -> bool:
@@ -144,9 +139,9 @@ def install_mtp_rl(engine) -> None:
         let_mtp_layers_recompute(chunk)
     if is_mtp_rl(engine):
         check_mtp_rl_layout(engine, engine.get_data_parallel_size())
-        engine.occ_state = OCCState(mtp.occ)
+        engine.mtp_state.occ_state = OCCState(mtp.occ)
         for chunk in engine.module:
-            engine.rl_postprocess[chunk] = MTPRLPostprocess(
+            engine.mtp_state.rl_postprocess[chunk] = MTPRLPostprocess(
                 train_lm_head=mtp.train_lm_head,
                 logprob_chunk_size=mtp.logprob_chunk_size,
                 detached_head_ce=mtp.detached_head_ce_coef > 0,
@@ -167,19 +162,19 @@ def forward_backward_batch(engine, run, data, loss_function, forward_only: bool)
     (see the module docstring)."""
     if forward_only or loss_function is None or not is_mtp_rl(engine):
         return run(data, loss_function, forward_only=forward_only)
-    occ = engine.model_config.mtp.occ
-    engine.mtp_updates += 1
-    diagnose = occ.diagnose_every > 0 and engine.mtp_updates % occ.diagnose_every == 0
+    occ, state = engine.model_config.mtp.occ, engine.mtp_state
+    state.updates += 1
+    diagnose = occ.diagnose_every > 0 and state.updates % occ.diagnose_every == 0
     if occ.estimator != "gradient" and not diagnose:
         return run(data, loss_function)
     stats = _gradient_occ(engine, run, data, loss_function)
     lam, nonfinite = stats.lambdas(occ.lambda_plus_gradient, occ.eps, occ.max_abs_lambda)
-    engine._mtp_coefficients = lam if occ.estimator == "gradient" else None
-    engine._mtp_diagnosed = True
+    state.coefficients = lam if occ.estimator == "gradient" else None
+    state.diagnosed = True
     try:
         output = run(data, loss_function)
     finally:
-        engine._mtp_coefficients, engine._mtp_diagnosed = None, False
+        state.coefficients, state.diagnosed = None, False
     if "metrics" in output:
         output["metrics"].update(gradient_occ_metrics(stats, lam, nonfinite))  # one per update, as verl merges them
     return output
@@ -187,21 +182,21 @@ def forward_backward_batch(engine, run, data, loss_function, forward_only: bool)
 
 def _gradient_occ(engine, run, data, loss_function):
     """The gradient estimator's statistics for this mini-batch; leaves the gradients zeroed."""
-    mtp = engine.model_config.mtp
+    mtp, state = engine.model_config.mtp, engine.mtp_state
     params = shared_trunk_parameters([unwrap_model(chunk) for chunk in engine.module], mtp.train_lm_head)
     per_head = []
     try:
-        engine._mtp_loss_mode = "rl"
+        state.loss_mode = "rl"
         engine.optimizer_zero_grad()
         run(data, loss_function)
         rl = GradientSnapshot.take(params)
         for k in range(1, engine.tf_config.mtp_num_layers + 1):
-            engine._mtp_loss_mode = k
+            state.loss_mode = k
             engine.optimizer_zero_grad()
             run(data, loss_function)
             per_head.append(head_products(rl, params))
     finally:
-        engine._mtp_loss_mode = None
+        state.loss_mode = None
         engine.optimizer_zero_grad()
     return gradient_occ(per_head)
 
@@ -213,7 +208,8 @@ def _pop_mtp_output(engine):
     processor runs before the next forward. An engine made without ``__init__`` (as verl's own unit tests of
     the logits processor make one) has installed none.
     """
-    for postprocess in getattr(engine, "rl_postprocess", {}).values():
+    state = getattr(engine, "mtp_state", None)
+    for postprocess in state.rl_postprocess.values() if state is not None else ():
         output = postprocess.pop_output()
         if output is not None:
             return postprocess, output
@@ -269,42 +265,35 @@ def align_outputs(engine, output: dict) -> dict:
     return align_mtp_outputs(split_mtp_channels(output, _channel_keys(engine)))
 
 
-def _occ_state_path(local_path: str) -> str:
-    return os.path.join(local_path, f"mtp_occ_state_rank{torch.distributed.get_rank()}.json")
-
-
 def save_occ_state(engine, local_path: str) -> None:
-    """This rank's OCC state, before verl's checkpoint (MTP weights are part of the Megatron model state).
+    """This rank's OCC state (:mod:`~verl_mtp.workers.engine.megatron.mtp_occ_checkpoint`), before verl's
+    checkpoint (MTP weights are part of the Megatron model state).
 
     It goes first: verl's checkpoint manager uploads ``local_path`` to ``hdfs_path``
     (``trainer.default_hdfs_dir``) at the end of its own save, and the state must be in that copy.
     """
     if is_mtp_rl(engine):
-        os.makedirs(local_path, exist_ok=True)
-        with open(_occ_state_path(local_path), "w") as f:
-            json.dump(engine.occ_state.state_dict(), f)
+        save_occ_state_file(engine.mtp_state.occ_state, local_path)
 
 
 def load_occ_state(engine, local_path: str) -> None:
-    """Read before verl's own load: verl may delete the local copy after loading."""
-    occ_path = _occ_state_path(local_path) if is_mtp_rl(engine) else None
-    if occ_path and os.path.exists(occ_path):
-        with open(occ_path) as f:
-            engine.occ_state.load_state_dict(json.load(f))
+    """Read before verl's own load (verl may delete the local copy after loading), where this run uses it: OCC's
+    lambdas carried across signal-free micro-batches (``occ.enable`` with ``occ.carry_last_lambda``)."""
+    occ = engine.model_config.mtp.occ
+    if is_mtp_rl(engine) and occ.enable and occ.carry_last_lambda:
+        load_occ_state_file(engine.mtp_state.occ_state, local_path)
 
 
 def mtp_loss_function(engine, loss_function, forward_only: bool):
-    """verl's actor loss as the current pass needs it (see ``engine._mtp_loss_mode``)."""
+    """verl's actor loss as the current pass needs it (see ``MtpEngineState.loss_mode``)."""
     if not is_mtp_rl(engine) or loss_function is None or forward_only:
         return loss_function
-    mode, mtp = engine._mtp_loss_mode, engine.model_config.mtp
-    if mode == "rl":
+    state, mtp = engine.mtp_state, engine.model_config.mtp
+    if state.loss_mode == "rl":
         return loss_function
-    if mode is not None:
-        return mtp_head_only_loss(loss_function, mtp, mode)
-    loss = with_mtp_policy_loss(
-        loss_function, mtp, engine.occ_state, engine._mtp_coefficients, diagnosed=engine._mtp_diagnosed
-    )
+    if state.loss_mode is not None:
+        return mtp_head_only_loss(loss_function, mtp, state.loss_mode)
+    loss = with_mtp_policy_loss(loss_function, mtp, state.occ_state, state.coefficients, diagnosed=state.diagnosed)
     return partial(_consuming_mtp_outputs, loss)
 
 
@@ -330,7 +319,7 @@ def enable_fused_main_head(engine) -> bool:
     if not (engine.engine_config.use_fused_kernels and isinstance(mtp, MtpRLConfig) and mtp.regime is not None):
         return False
     check_fused_main_head_settings(True, mtp)
-    engine.fused_main_head = True
+    engine.mtp_state.fused_main_head = True
     engine.engine_config.use_fused_kernels = False
     logger.warning(
         "use_fused_kernels=True with mtp_loss_type=%s: verl's non-fused forward runs the MTP block and the main head "
@@ -341,18 +330,19 @@ def enable_fused_main_head(engine) -> bool:
 
 def install_fused_main_head(engine) -> None:
     """After verl's MTP patch and the regime's postprocess: capture the main head where the output layer is."""
-    if not engine.fused_main_head:
+    if not engine.mtp_state.fused_main_head:
         return
     for chunk in engine.module:
         if getattr(verl_mtp_patch._get_patching_model(chunk), "output_layer", None) is not None:
             capture = MainHeadCapture(engine.model_config.mtp.logprob_chunk_size)
-            engine.main_head_capture[chunk] = capture.patch(chunk)
+            engine.mtp_state.main_head_capture[chunk] = capture.patch(chunk)
 
 
 def scores_main_head_fused(engine) -> bool:
     """Whether the logits processor scores the main head from captured hidden states (an engine made without
     ``__init__``, as verl's own unit tests make one, never does)."""
-    return getattr(engine, "fused_main_head", False)
+    state = getattr(engine, "mtp_state", None)
+    return state is not None and state.fused_main_head
 
 
 def fused_lm_head_logits_processor(engine, label, temperature, batch, data_format: str, **flags) -> dict:
@@ -382,7 +372,8 @@ def fused_main_head_scores(
             "actor_rollout_ref.actor.calculate_sum_pi_squared is scored without gradient under "
             "use_fused_kernels=True with MTP (verl reads it from compute_log_prob); this pass computes gradients."
         )
-    main = next((m for m in (c.pop_output() for c in engine.main_head_capture.values()) if m is not None), None)
+    captured = (capture.pop_output() for capture in engine.mtp_state.main_head_capture.values())
+    main = next((m for m in captured if m is not None), None)
     if main is None:
         raise RuntimeError(
             "use_fused_kernels=True with MTP: no main-head output-layer call was captured in this forward (a "
