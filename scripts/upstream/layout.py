@@ -154,14 +154,24 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _imports_product(repo: Path, path: Path, seen: set[Path]) -> bool:
+    """Whether ``path`` imports the product, itself or through the test-only helpers (``support.*``) it imports."""
+    seen.add(path)
+    for name in _imports(path):
+        if name.split(".")[0] == PRODUCT:
+            return True
+        helper = _source_of(repo / "tests", name) if name.split(".")[0] == "support" else None
+        if helper is not None and helper not in seen and _imports_product(repo, helper, seen):
+            return True
+    return False
+
+
 def mtp_rl_tests(repo: Path) -> list[Path]:
     """This repository's tests of the MTP-RL path: the tests under ``TEST_DIRS`` that import the product."""
     out = []
     for test_dir in TEST_DIRS:
         for path in sorted((repo / test_dir).rglob("test_*_on_cpu.py")):
-            if path.name in TESTS_NOT_UPSTREAM:
-                continue
-            if any(name.split(".")[0] == PRODUCT for name in _imports(path)):
+            if path.name not in TESTS_NOT_UPSTREAM and _imports_product(repo, path, set()):
                 out.append(path.relative_to(repo))
     return out
 

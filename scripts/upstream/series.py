@@ -84,13 +84,25 @@ SERIES = (
     ),
     PullRequest(
         "postprocess",
-        "[megatron] test: the RL postprocess end to end, GPU code paths emulated on CPU",
-        "The postprocess's outputs and gradients against an independent computation (THD and BSHD, K = 1, 2, "
-        "full recompute), and the paths a GPU takes (gradient-accumulation fusion, bf16) emulated on CPU.",
+        "[megatron] test: the RL postprocess end to end against an independent computation",
+        "The postprocess's per-head log-probs and gradients (THD and BSHD, K = 1, 2, full recompute of the MTP "
+        "layers, the lm_head trained or not) against a naive computation on the same model.",
         (
             "tests/support/checkpoint_rng.py",
             "tests/models/mcore/test_mtp_patch_on_cpu.py",
             "tests/models/mcore/test_mtp_gpu_paths_on_cpu.py",
+        ),
+    ),
+    PullRequest(
+        "gpu-defaults",
+        "[megatron] test: the RL postprocess under a GPU run's defaults, emulated on CPU",
+        "bf16 with Float16Module, gradient-accumulation fusion (its kernel's contract on CPU), no "
+        "TransformerEngine, MoE layers: the heads' log-probs and gradients still match the reference.",
+        (
+            "tests/support/mtp_parallel.py",
+            "tests/support/grad_accumulation_fusion.py",
+            "tests/support/transformer_engine_off.py",
+            "tests/models/mcore/test_mtp_gpu_defaults_on_cpu.py",
         ),
     ),
     PullRequest(
@@ -139,12 +151,28 @@ SERIES = (
             "verl_mtp/workers/config/mtp_run_checks.py",
             "verl_mtp/models/mcore/main_head_scoring.py",
             "verl_mtp/workers/engine/",
-            "tests/support/",
-            "tests/trainer/ppo/test_mtp_occ_gradient_on_cpu.py",
-            "tests/workers/engine/",
-            "tests/models/mcore/test_mtp_gpu_defaults_on_cpu.py",
+            "tests/support/engine_micro_batch.py",
+            "tests/workers/engine/test_fused_main_head_on_cpu.py",
         ),
         ("engine",),
+    ),
+    PullRequest(
+        "occ-checkpoint",
+        "[megatron] test: OCC state in checkpoints (resume, remote upload, a change of ranks refused)",
+        "The engine's save_checkpoint / load_checkpoint on 1 and 2 ranks: each rank's carried lambda comes back, "
+        "the state is in the uploaded copy, and a resume with another number of ranks is refused with the fix.",
+        (
+            "verl_cpu/testing/ranks.py",
+            "tests/support/occ_checkpoint_engine.py",
+            "tests/workers/engine/test_mtp_occ_checkpoint",
+        ),
+    ),
+    PullRequest(
+        "gradient-estimator",
+        "[trainer] test: OCC's gradient estimator through the engine's pipeline schedule",
+        "The estimator's extra passes (RL loss alone, each head's loss alone) through the engine against "
+        "gradients computed directly on the model.",
+        ("tests/support/bare_engine.py", "tests/trainer/ppo/test_mtp_occ_gradient_on_cpu.py"),
     ),
     PullRequest(
         "tools",

@@ -1,8 +1,8 @@
 """What the MTP regimes add to verl's Megatron LM engine, as plain functions of the engine.
 
-The engine calls each hook at one point of its own methods (``MegatronMTPEngineWithLMHead`` here; verl's
-``MegatronEngineWithLMHead`` itself in the upstream form), so that the behaviour lives in one place whichever
-class carries the calls. The state the hooks keep is one object, ``engine.mtp_state``
+The engine calls each hook at one point of its own methods (a subclass of verl's ``MegatronEngineWithLMHead``
+made only of these calls, or verl's class itself), so that the behaviour lives in one place whichever class
+carries the calls. The state the hooks keep is one object, ``engine.mtp_state``
 (:class:`~verl_mtp.workers.engine.megatron.mtp_engine_state.MtpEngineState`), made by :func:`init_mtp_state`.
 
 They hand verl the regime's values of verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it
