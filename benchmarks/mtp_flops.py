@@ -329,9 +329,9 @@ def _grads_into_main_grad_buffer(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def _chunked_phases(cost: StepCost):
     """Mark the chunked log-prob function's forward and backward as phases of ``cost``."""
-    from verl_mtp.models.mcore import mtp_log_probs
+    from verl_mtp.models.mcore import token_scores
 
-    fn = mtp_log_probs._ChunkedTokenLogProb
+    fn = token_scores._ChunkedTokenLogProb
     saved = fn.__dict__["forward"], fn.__dict__["backward"]
     fwd, bwd = saved[0].__func__, saved[1].__func__
 

@@ -68,13 +68,24 @@ SERIES = (
         ),
     ),
     PullRequest(
-        "head-log-probs",
-        "[megatron] feat: per-head MTP log-probs in chunks from an RL postprocess of GPTModel",
-        "An RL postprocess of GPTModel runs the MTP block in the same forward and keeps each head's hidden states; "
-        "each head scores its targets in chunks under the main head's temperature (no full fp32 logits); the "
-        "megatron-core 0.16 to 0.19 differences the regimes need.",
+        "token-scores",
+        "[megatron] feat: log-probs of given tokens against a vocab-parallel output layer, in chunks",
+        "Log-probs, top-1, entropy and sum of squared probabilities of given tokens, chunk by chunk: fp32 logits "
+        "exist for one chunk at a time, the backward turns the kept exp(logits - max) into the gradient in place "
+        "and makes the weight gradient in one product (gradient-accumulation fusion kept).",
         (
             "verl_mtp/models/mcore/mtp_grad_fusion.py",
+            "verl_mtp/models/mcore/token_scores.py",
+            "tests/models/mcore/test_token_scores_on_cpu.py",
+        ),
+    ),
+    PullRequest(
+        "head-log-probs",
+        "[megatron] feat: per-head MTP log-probs from an RL postprocess of GPTModel",
+        "An RL postprocess of GPTModel runs the MTP block in the same forward and keeps each head's hidden states; "
+        "each head scores its targets under the main head's temperature; the megatron-core 0.16 to 0.19 "
+        "differences the regimes need.",
+        (
             "verl_mtp/models/mcore/mtp_patch.py",
             "verl_mtp/models/mcore/mtp_log_probs.py",
             "verl_mtp/models/mcore/mcore_compat.py",

@@ -25,7 +25,8 @@ from verl_cpu.testing import build_tiny_gpt, causal_attention_mask
 
 from verl.utils.megatron_utils import patch_engine_mtp
 from verl_mtp.models.mcore.mcore_compat import let_mtp_layers_recompute
-from verl_mtp.models.mcore.mtp_log_probs import chunked_token_scores, mtp_token_log_probs, score_mtp_heads
+from verl_mtp.models.mcore.mtp_log_probs import mtp_token_log_probs, score_mtp_heads
+from verl_mtp.models.mcore.token_scores import chunked_token_scores
 from verl_mtp.models.mcore.mtp_patch import MTPRLOutput, patch_postprocess_rl
 from verl_mtp.workers.config import MtpRLConfig
 

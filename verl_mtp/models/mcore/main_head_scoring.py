@@ -7,7 +7,7 @@ the main head's output-layer call is taken over: :class:`MainHeadCapture`, insta
 postprocess, keeps the hidden states that call receives (with their graph, ``MTPLossAutoScaler`` included) and
 hands verl an empty ``[b, s, 0]`` stand-in for the logits. The engine's logits processor then scores them with
 :func:`score_main_head`: the chunked function the MTP heads use
-(:func:`verl_mtp.models.mcore.mtp_log_probs.chunked_token_scores`), so no ``[tokens, vocab]`` fp32 logits, their
+(:func:`verl_mtp.models.mcore.token_scores.chunked_token_scores`), so no ``[tokens, vocab]`` fp32 logits, their
 log-softmax or their gradient ever exist; what the backward keeps is ``exp(logits - max)`` in the model's dtype.
 
 Which output-layer call is the main head's: the one made with the live output weight (the layer's own, or the
@@ -25,7 +25,7 @@ import torch
 from megatron.core import parallel_state as mpu
 
 from verl.models.mcore.mtp_patch import _get_patching_model
-from verl_mtp.models.mcore.mtp_log_probs import chunked_token_scores
+from verl_mtp.models.mcore.token_scores import chunked_token_scores
 from verl_mtp.models.mcore.mtp_patch import _NOT_SET, install_postprocess, restore_postprocess
 
 __all__ = ["MainHeadCapture", "MainHeadHidden", "score_main_head"]
