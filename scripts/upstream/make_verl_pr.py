@@ -6,15 +6,18 @@
    of verl (``--target /path/to/git-dir``, exported with ``git archive``).
 2. The product's modules at verl's paths, imports rewritten (:mod:`layout`); the integration as edits of
    verl's own files (:mod:`verl_edits`); the MTP-RL tests under verl's ``tests/`` with their test-only
-   helpers in ``tests/mtp_rl_support``.
+   helpers in ``tests/mtp_rl_support`` (each test module imports the fixtures it uses: no conftest.py).
 3. ``OUT/verl-mtp-rl.patch`` (the whole change) and the size of the change to verl's pre-existing files.
 4. In the patched tree, with this repository's packages blocked (``isolation/sitecustomize.py``): verl's own
-   CPU tests that touch the changed modules, then the moved tests. Exit status 0 only if both pass.
+   CPU tests that touch the changed modules and the moved tests in one pytest process, in the order and with
+   the ``-x`` of verl's CPU CI, with a plugin that fails any test module leaving ``torch.cuda`` or Megatron
+   changed. Exit status 0 only if all pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import os
 import re
@@ -52,7 +55,13 @@ LICENSE_HEADER = """\
 RUFF = "ruff==0.12.2"
 # verl's `test` extra (pytest-asyncio) where the interpreter lacks it; installed once into the cache.
 TEST_DEPS = ("pytest-asyncio",)
-CONFTEST_LINE = "from tests.mtp_rl_support.pytest_fixtures import *  # noqa: F401,F403\n"
+# The moved tests' fixture and warning filters (tests/support/pytest_fixtures.py), imported by each moved module
+# that uses them: verl's CI runs all of tests/ in one process, and a conftest.py would reach verl's own tests.
+FIXTURES = f"{layout_mod.HELPER_PACKAGE}.pytest_fixtures"
+FIXTURE_NAMES = ("cpu_megatron",)
+WARNING_FILTERS = "MCORE_WARNING_FILTERS"
+# The plugin that fails a test module which leaves the process changed (tests/support/stand_in_probe.py).
+PROBE = f"{layout_mod.HELPER_PACKAGE}.stand_in_probe"
 # verl modules the integration edits: verl's own CPU tests that name one of them are run too.
 CHANGED_MODULES = ("verl.workers.config", "verl.workers.engine", "verl.trainer.config", "MtpConfig", "hf_model")
 
@@ -70,11 +79,39 @@ def place_files(repo: Path, tree: Path, layout) -> list[str]:
     return new
 
 
+def with_fixture_imports(text: str) -> str:
+    """A moved test module importing the fixtures it uses and marking Megatron's expected warnings itself:
+    ``from FIXTURES import ...`` after its last top-level import, and ``MCORE_WARNING_FILTERS`` joined to its
+    ``pytestmark`` (or as its ``pytestmark``)."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    names = [name for name in FIXTURE_NAMES if re.search(rf"\b{name}\b", text)]
+    marks = [node for node in tree.body if isinstance(node, ast.Assign) and ast.unparse(node.targets) == "pytestmark"]
+    if len(marks) > 1:
+        raise ValueError("a moved test module assigns pytestmark more than once")
+    if marks:
+        mark = marks[0]
+        value = mark.value
+        items = [ast.unparse(e) for e in value.elts] if isinstance(value, ast.List) else [ast.unparse(value)]
+        joined = f"pytestmark = [{', '.join(items)}, *{WARNING_FILTERS}]\n"
+        lines[mark.lineno - 1 : mark.end_lineno] = [joined]
+    last_import = max(n.end_lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom))
+    added = f"from {FIXTURES} import {', '.join(sorted([WARNING_FILTERS, *names]))}"
+    added += "  # noqa: F401\n" if names else "\n"
+    added += "" if marks else f"\npytestmark = {WARNING_FILTERS}\n"
+    lines.insert(last_import, added)
+    return "".join(lines)
+
+
 def package_tests(repo: Path, tree: Path, layout, new: list[str]) -> None:
-    """verl's test directories are packages; the moved tests get this repository's fixtures via conftest."""
+    """verl's test directories are packages; each moved test module imports this repository's fixtures and
+    warning filters by name (no conftest.py: verl's other tests in those directories stay as they were)."""
     fixtures = tree / "tests/mtp_rl_support/pytest_fixtures.py"
-    fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/conftest.py").read_text()))
+    fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/support/pytest_fixtures.py").read_text()))
     new.append("tests/mtp_rl_support/pytest_fixtures.py")
+    for dest in layout.files.values():
+        if re.match(r"tests/.*/test_[^/]*_on_cpu\.py$", dest):
+            (tree / dest).write_text(with_fixture_imports((tree / dest).read_text()))
     test_dirs = {(tree / d).parent for d in layout.files.values() if d.startswith("tests/")}
     for test_dir in sorted(test_dirs):
         for pkg in [test_dir, *test_dir.parents]:
@@ -83,12 +120,6 @@ def package_tests(repo: Path, tree: Path, layout, new: list[str]) -> None:
             if not (pkg / "__init__.py").exists():
                 (pkg / "__init__.py").write_text(LICENSE_HEADER)
                 new.append(str((pkg / "__init__.py").relative_to(tree)))
-        conftest = test_dir / "conftest.py"
-        if test_dir.name != "mtp_rl_support":
-            text = conftest.read_text() if conftest.exists() else LICENSE_HEADER + "\n"
-            if not conftest.exists():
-                new.append(str(conftest.relative_to(tree)))
-            conftest.write_text(text + CONFTEST_LINE)
 
 
 def diff_report(pristine: Path, tree: Path, out: Path) -> list[tuple[str, int, int]]:
@@ -215,14 +246,14 @@ def _python_output(python: str, tree: Path, env: dict, args: list[str]) -> str:
     return subprocess.run([python, *args], cwd=tree, env=env, capture_output=True, text=True, check=True).stdout
 
 
-def pytest_run(tree: Path, python: str, env: dict, tests: list[str], label: str) -> tuple[int, str]:
-    """Run ``tests`` in the tree as verl's CPU CI does (``--asyncio-mode=auto``); print the summary line."""
+def pytest_run(tree: Path, python: str, env: dict, tests: list[str], label: str, extra=()) -> tuple[int, str]:
+    """Run ``tests`` in the tree in one pytest process as verl's CPU CI does (``--asyncio-mode=auto``, plus
+    ``extra`` arguments); print the summary line."""
     if not tests:
         print(f"--- {label}: none")
         return 0, ""
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--asyncio-mode=auto", "-rfE"]
-    cmd.append("--continue-on-collection-errors")
-    proc = subprocess.run([*cmd, *tests], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*cmd, *extra, *tests], cwd=tree, env=env, capture_output=True, text=True)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "(no output)"
     print(f"--- {label}: {len(tests)} files -> {summary}", flush=True)
     if proc.returncode != 0:
@@ -234,25 +265,37 @@ def _failing(stdout: str) -> set[str]:
     return set(re.findall(r"^(?:FAILED|ERROR) (\S+)", stdout, re.M))
 
 
-def run_verl_own_tests(tree: Path, pristine: Path, python: str, env: dict, deps: Path, tests: list[str]) -> int:
-    """verl's own tests in the patched tree; a failure counts only if the same test passes in unpatched verl
-    (the patch broke it), not if it fails there too (this machine lacks one of verl's dependencies)."""
-    rc, stdout = pytest_run(tree, python, env, tests, "verl's own tests")
-    if rc == 0:
-        return 0
-    failing = _failing(stdout)
-    files = sorted({test_id.split("::")[0] for test_id in failing})
-    _, base_stdout = pytest_run(pristine, python, isolated_env(pristine, deps), files, "same files in unpatched verl")
-    caused = failing - _failing(base_stdout)
-    print(
-        f"failing in the patched tree: {len(failing)}; failing in unpatched verl too: {len(failing - caused)};",
-        f"caused by the change: {sorted(caused) or 'none'}",
-    )
-    return 1 if caused or not failing else 0
+def ci_order(files: list[str]) -> list[str]:
+    """The order verl's CI (``pytest -x tests/``) reaches the files in: each directory's entries by name."""
+    return sorted(files, key=lambda f: Path(f).parts)
+
+
+def run_in_ci_order(tree: Path, pristine: Path, python: str, deps: Path, own: list[str], moved: list[str]) -> int:
+    """verl's own tests and the moved ones in one process, in CI order, with ``-x`` and the stand-in probe (a
+    module that leaves ``torch.cuda`` or Megatron changed fails). A failing test of verl's own that fails in
+    unpatched verl too (this machine lacks one of verl's dependencies) is left out and the run repeated; any
+    other failure fails."""
+    env = isolated_env(tree, deps)
+    left_out: list[str] = []
+    while True:
+        files = ci_order([f for f in [*own, *moved] if f not in left_out])  # a file that fails to import
+        args = ["-x", "-p", PROBE, *(f"--deselect={t}" for t in left_out if "::" in t)]
+        rc, stdout = pytest_run(tree, python, env, files, "verl's own + moved tests, CI order", args)
+        print(*re.findall(r"^stand-in probe: .*$", stdout, re.M))
+        failing = _failing(stdout)
+        if rc == 0 or not failing or any(t.split("::")[0] not in own for t in failing):
+            return rc
+        files = sorted({t.split("::")[0] for t in failing})
+        _, base = pytest_run(pristine, python, isolated_env(pristine, deps), files, "same files in unpatched verl")
+        caused = failing - _failing(base)
+        print(f"failing in the patched tree: {sorted(failing)}; caused by the change: {sorted(caused) or 'none'}")
+        if caused:
+            return 1
+        left_out += sorted(failing)
 
 
 def run_tests(tree: Path, pristine: Path, python: str, deps: Path, moved: list[str]) -> int:
-    """The isolation proof, then verl's own CPU tests of the changed modules, then the moved tests."""
+    """The isolation proof, then verl's own CPU tests of the changed modules and the moved tests together."""
     env = isolated_env(tree, deps)
     proof = subprocess.run([python, "-c", PROOF, str(tree)], cwd=tree, env=env, text=True, capture_output=True)
     print(proof.stdout.strip() or proof.stderr[-3000:])
@@ -261,9 +304,7 @@ def run_tests(tree: Path, pristine: Path, python: str, deps: Path, moved: list[s
     own = verl_own_tests(tree, set(moved))
     print("verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
     print("moved MTP-RL tests:", *moved, sep="\n  ", flush=True)
-    rc_own = run_verl_own_tests(tree, pristine, python, env, deps, own)
-    rc_moved, _ = pytest_run(tree, python, env, moved, "moved MTP-RL tests")
-    return rc_own or rc_moved
+    return run_in_ci_order(tree, pristine, python, deps, own, moved)
 
 
 def main(argv=None) -> int:

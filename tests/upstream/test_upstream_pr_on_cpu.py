@@ -4,8 +4,8 @@
 the integration and moves the MTP-RL tests under verl's ``tests/``; these tests run it on verl's source
 distribution (downloaded once into ``VERL_MTP_UPSTREAM_CACHE``, default ``~/.cache/verl-mtp/upstream``).
 The first checks the generated change; the second (long: the whole moved test suite) runs verl's own CPU
-tests of the changed modules and the moved tests inside the patched tree, with this repository's packages
-unimportable.
+tests of the changed modules and the moved tests inside the patched tree in one process in verl's CI order,
+with this repository's packages unimportable and every test module checked to leave the process unchanged.
 """
 
 from __future__ import annotations
@@ -78,6 +78,14 @@ def test_upstream_patch_is_generated_with_a_small_edit_of_verl_files(tmp_path):
     for path in tree.rglob("*.py"):  # no import of this repository's packages is left anywhere in the tree
         assert not re.search(r"^\s*(from|import) (verl_mtp|verl_cpu|support)\b", path.read_text(), re.M), path
     assert (tmp_path / "verl-mtp-rl.patch").stat().st_size > 0
+    assert not re.search(r"^\+\+\+ b/\S*conftest\.py$", (tmp_path / "verl-mtp-rl.patch").read_text(), re.M)
+    pristine = tmp_path / "pristine" / tree.name
+    moved = [p for p in (tree / "tests").rglob("test_*_on_cpu.py") if not (pristine / p.relative_to(tree)).exists()]
+    assert len(moved) > 10, moved
+    for path in moved:  # each moved module imports the fixtures and warning filters it uses, by name
+        text = path.read_text()
+        assert "from tests.mtp_rl_support.pytest_fixtures import " in text, path
+        assert "cpu_megatron" not in text or re.search(r"pytest_fixtures import [^\n]*\bcpu_megatron\b", text), path
 
 
 @pytest.mark.slow  # the fast tier's model, worker and trainer tests once more, in verl's tree
@@ -88,8 +96,8 @@ def test_upstream_tree_passes_verl_and_moved_tests(tmp_path):
     assert proc.returncode == 0, out[-12000:]
     isolation = r"^isolation: verl from .*; engine MegatronEngineWithLMHead; verl_mtp not importable$"
     assert re.search(isolation, out, re.M)
-    summaries = dict(re.findall(r"^--- (.+?): \d+ files -> (.*)$", out, re.M))
-    assert set(summaries) == {"verl's own tests", "moved MTP-RL tests"}, out[-4000:]
-    for label, summary in summaries.items():
-        assert re.search(r"\d+ passed", summary) and not re.search(r"failed|error", summary), (label, summary)
+    runs = re.findall(r"^--- verl's own \+ moved tests, CI order: \d+ files -> (.*)$", out, re.M)
+    assert runs and re.search(r"\d+ passed", runs[-1]) and not re.search(r"failed|error", runs[-1]), out[-4000:]
+    probe = re.findall(r"^stand-in probe: (\d+) test modules checked$", out, re.M)
+    assert probe and int(probe[-1]) > 10, out[-4000:]
     assert out.rstrip().splitlines()[-1].startswith("PASSED")
