@@ -7,6 +7,7 @@ any of it changed.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,5 +28,6 @@ def test_moved_tests_restore_torch_cuda_and_megatron_state():
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", stand_in_probe.__name__]
     proc = subprocess.run([*command, str(MOVED_TEST)], env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
+    leaks = sorted(set(re.findall(r"[\w.]+ left the process changed: [^{\n]+", output)))
+    assert proc.returncode == 0, "\n".join(leaks) or output[-6000:]
     assert "stand-in probe: 1 test modules checked" in output, output[-3000:]
