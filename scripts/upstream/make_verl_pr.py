@@ -6,15 +6,18 @@
    of verl (``--target /path/to/git-dir``, exported with ``git archive``).
 2. The product's modules at verl's paths, imports rewritten (:mod:`layout`); the integration as edits of
    verl's own files (:mod:`verl_edits`); the MTP-RL tests under verl's ``tests/`` with their test-only
-   helpers in ``tests/mtp_rl_support``.
+   helpers in ``tests/mtp_rl_support`` (each test module imports the fixtures it uses: no conftest.py).
 3. ``OUT/verl-mtp-rl.patch`` (the whole change) and the size of the change to verl's pre-existing files.
 4. In the patched tree, with this repository's packages blocked (``isolation/sitecustomize.py``): verl's own
-   CPU tests that touch the changed modules, then the moved tests. Exit status 0 only if both pass.
+   CPU tests that touch the changed modules and the moved tests in one pytest process, in the order and with
+   the ``-x`` of verl's CPU CI, with a plugin that fails any test module leaving ``torch.cuda`` or Megatron
+   changed. Exit status 0 only if all pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import os
 import re
@@ -59,7 +62,16 @@ TEST_DEPS = ("pytest-asyncio",)
 # What the plugin's own prose says that verl's would not: its package names, "ours", "the product".
 LEFTOVER = re.compile(r"\bverl[-_](?:mtp|cpu)\b|\bours\b|\bthe product\b|\bproduct's\b|\bupstream form\b", re.I)
 CACHES = {"__pycache__", ".ruff_cache", ".pytest_cache", ".hypothesis"}
-CONFTEST_LINE = "from tests.mtp_rl_support.pytest_fixtures import *  # noqa: F401,F403\n"
+# The moved tests' fixture and warning filters (tests/support/pytest_fixtures.py), imported by each moved module
+# that uses them: verl's CI runs all of tests/ in one process, and a conftest.py would reach verl's own tests.
+FIXTURES = f"{layout_mod.HELPER_PACKAGE}.pytest_fixtures"
+FIXTURE_NAMES = ("cpu_megatron",)
+WARNING_FILTERS = "MCORE_WARNING_FILTERS"
+# The plugin that fails a test module which leaves the process changed (tests/support/stand_in_probe.py).
+PROBE = f"{layout_mod.HELPER_PACKAGE}.stand_in_probe"
+# The labels of the test runs: each pull request's, and verl's CI after the whole series.
+CI_RUN = "verl's own + its tests, CI order"
+WHOLE_RUN = "whole series: verl's own + every moved test, CI order"
 # verl modules the integration edits: verl's own CPU tests that name one of them are run too.
 CHANGED_MODULES = ("verl.workers.config", "verl.workers.engine", "verl.trainer.config", "MtpConfig", "hf_model")
 
@@ -82,13 +94,46 @@ def place_files(repo: Path, tree: Path, layout, files: dict[Path, str]) -> list[
     return new
 
 
+def with_fixture_imports(text: str) -> str:
+    """A moved test module importing the fixtures it uses and marking Megatron's expected warnings itself:
+    ``from FIXTURES import ...`` after its last top-level import, and ``MCORE_WARNING_FILTERS`` joined to its
+    ``pytestmark`` (or as its ``pytestmark``)."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    names = [name for name in FIXTURE_NAMES if re.search(rf"\b{name}\b", text)]
+    marks = [node for node in tree.body if isinstance(node, ast.Assign) and ast.unparse(node.targets) == "pytestmark"]
+    if len(marks) > 1:
+        raise ValueError("a moved test module assigns pytestmark more than once")
+    if marks:
+        mark = marks[0]
+        value = mark.value
+        items = [ast.unparse(e) for e in value.elts] if isinstance(value, ast.List) else [ast.unparse(value)]
+        joined = f"pytestmark = [{', '.join(items)}, *{WARNING_FILTERS}]\n"
+        lines[mark.lineno - 1 : mark.end_lineno] = [joined]
+    last_import = max(n.end_lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom))
+    added = f"from {FIXTURES} import {', '.join(sorted([WARNING_FILTERS, *names]))}"
+    added += "  # noqa: F401\n" if names else "\n"
+    added += "" if marks else f"\npytestmark = {WARNING_FILTERS}\n"
+    lines.insert(last_import, added)
+    return "".join(lines)
+
+
 def package_tests(repo: Path, tree: Path, layout, new: list[str], files: dict[Path, str]) -> None:
-    """verl's test directories are packages; the moved tests get this repository's fixtures via conftest once the
-    series has brought the helper package."""
+    """verl's test directories are packages; each moved test module imports this repository's fixtures and
+    warning filters by name (no conftest.py: verl's other tests in those directories stay as they were), from the
+    pull request that brings the tiny model on."""
     fixtures = tree / "tests/mtp_rl_support/pytest_fixtures.py"
     if (tree / "tests/mtp_rl_support/tiny_gpt.py").exists() and not fixtures.exists():
-        fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/conftest.py").read_text()))
+        fixtures.write_text(LICENSE_HEADER + layout.rewrite((repo / "tests/support/pytest_fixtures.py").read_text()))
         new.append("tests/mtp_rl_support/pytest_fixtures.py")
+    for dest in files.values():
+        if not re.match(r"tests/.*/test_[^/]*_on_cpu\.py$", dest):
+            continue
+        text = (tree / dest).read_text()
+        if fixtures.exists():
+            (tree / dest).write_text(with_fixture_imports(text))
+        elif any(re.search(rf"\b{name}\b", text) for name in FIXTURE_NAMES):
+            raise ValueError(f"{dest} uses a fixture of {FIXTURES}, which a later pull request of the series brings")
     test_dirs = {(tree / d).parent for d in files.values() if d.startswith("tests/")}
     for test_dir in sorted(test_dirs):
         for pkg in [test_dir, *test_dir.parents]:
@@ -97,13 +142,6 @@ def package_tests(repo: Path, tree: Path, layout, new: list[str], files: dict[Pa
             if not (pkg / "__init__.py").exists():
                 (pkg / "__init__.py").write_text(LICENSE_HEADER)
                 new.append(str((pkg / "__init__.py").relative_to(tree)))
-        conftest = test_dir / "conftest.py"
-        if test_dir.name != "mtp_rl_support" and fixtures.exists():
-            text = conftest.read_text() if conftest.exists() else LICENSE_HEADER + "\n"
-            if not conftest.exists():
-                new.append(str(conftest.relative_to(tree)))
-            if CONFTEST_LINE not in text:
-                conftest.write_text(text + CONFTEST_LINE)
 
 
 def diff_trees(old_tree: Path, tree: Path) -> tuple[str, list[tuple[str, int, int, bool]]]:
@@ -263,14 +301,14 @@ def _python_output(python: str, tree: Path, env: dict, args: list[str]) -> str:
     return subprocess.run([python, *args], cwd=tree, env=env, capture_output=True, text=True, check=True).stdout
 
 
-def pytest_run(tree: Path, python: str, env: dict, tests: list[str], label: str) -> tuple[int, str]:
-    """Run ``tests`` in the tree as verl's CPU CI does (``--asyncio-mode=auto``); print the summary line."""
+def pytest_run(tree: Path, python: str, env: dict, tests: list[str], label: str, extra=()) -> tuple[int, str]:
+    """Run ``tests`` in the tree in one pytest process as verl's CPU CI does (``--asyncio-mode=auto``, plus
+    ``extra`` arguments); print the summary line."""
     if not tests:
         print(f"--- {label}: none")
         return 0, ""
     cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--asyncio-mode=auto", "-rfE"]
-    cmd.append("--continue-on-collection-errors")
-    proc = subprocess.run([*cmd, *tests], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*cmd, *extra, *tests], cwd=tree, env=env, capture_output=True, text=True)
     print(f"--- {label}: {len(tests)} files -> {_summary(proc.stdout)}", flush=True)
     if proc.returncode != 0:
         print(proc.stdout[-8000:], proc.stderr[-3000:], sep="\n")
@@ -286,44 +324,57 @@ def _failing(stdout: str) -> set[str]:
     return set(re.findall(r"^(?:FAILED|ERROR) (\S+)", stdout, re.M))
 
 
-def run_verl_own_tests(
-    tree: Path, pristine: Path, python: str, env: dict, deps: Path, tests: list[str], label: str
+def ci_order(files: list[str]) -> list[str]:
+    """The order verl's CI (``pytest -x tests/``) reaches the files in: each directory's entries by name."""
+    return sorted(files, key=lambda f: Path(f).parts)
+
+
+def run_in_ci_order(
+    tree: Path, pristine: Path, python: str, deps: Path, own: list[str], moved: list[str], label: str
 ) -> tuple[int, str]:
-    """verl's own tests in the patched tree, and pytest's summary; a failure counts only if the same test passes
-    in unpatched verl (the patch broke it), not if it fails there too (this machine lacks one of verl's
-    dependencies)."""
-    rc, stdout = pytest_run(tree, python, env, tests, label)
-    if rc == 0:
-        return 0, _summary(stdout)
-    failing = _failing(stdout)
-    files = sorted({test_id.split("::")[0] for test_id in failing})
-    _, base_stdout = pytest_run(pristine, python, isolated_env(pristine, deps), files, "same files in unpatched verl")
-    caused = failing - _failing(base_stdout)
-    print(
-        f"failing in the patched tree: {len(failing)}; failing in unpatched verl too: {len(failing - caused)};",
-        f"caused by the change: {sorted(caused) or 'none'}",
-    )
-    return (1 if caused or not failing else 0), _summary(stdout)
-
-
-def run_tests(tree: Path, pristine: Path, python: str, deps: Path, step, all_moved: set[str]) -> dict:
-    """verl's own CPU tests of the changed modules (not the series' tests, ``all_moved``), then the step's own
-    tests, in the step's tree; at the last step first the isolation proof. Returns label -> pytest's summary
-    line, and "rc"."""
-    moved, label = step.moved, step.label
+    """verl's own tests and the moved ones in one process, in CI order, with ``-x`` and the stand-in probe (a
+    module that leaves ``torch.cuda`` or Megatron changed fails), and pytest's summary. A failing test of verl's
+    own that fails in unpatched verl too (this machine lacks one of verl's dependencies) is left out and the run
+    repeated; any other failure fails."""
     env = isolated_env(tree, deps)
-    if step.number == len(series.SERIES):
+    probe = ["-p", PROBE] if (tree / Path(*PROBE.split("."))).with_suffix(".py").exists() else []
+    left_out: list[str] = []
+    while True:
+        files = ci_order([f for f in [*own, *moved] if f not in left_out])  # a file that fails to import
+        args = ["-x", *probe, *(f"--deselect={t}" for t in left_out if "::" in t)]
+        rc, stdout = pytest_run(tree, python, env, files, label, args)
+        print(*re.findall(r"^stand-in probe: .*$", stdout, re.M))
+        failing = _failing(stdout)
+        if rc == 0 or not failing or any(t.split("::")[0] not in own for t in failing):
+            return rc, _summary(stdout)
+        files = sorted({t.split("::")[0] for t in failing})
+        _, base = pytest_run(pristine, python, isolated_env(pristine, deps), files, "same files in unpatched verl")
+        caused = failing - _failing(base)
+        print(f"failing in the patched tree: {sorted(failing)}; caused by the change: {sorted(caused) or 'none'}")
+        if caused:
+            return 1, _summary(stdout)
+        left_out += sorted(failing)
+
+
+def run_tests(tree: Path, pristine: Path, python: str, deps: Path, step, all_moved: list[str]) -> dict:
+    """In the step's tree: verl's own CPU tests of the changed modules (not the series' tests, ``all_moved``) and
+    the step's own tests, in one process in CI order. At the last step also the isolation proof, then verl's own
+    and every moved test in one process, as verl's CI runs the tree after the whole series. Returns the runs'
+    summaries ("ci", "whole") and "rc"."""
+    own = verl_own_tests(tree, set(all_moved))
+    print(f"{step.label}: verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
+    print(f"{step.label}: its MTP-RL tests:", *step.moved, sep="\n  ", flush=True)
+    rc, summary = run_in_ci_order(tree, pristine, python, deps, own, step.moved, f"{step.label}: {CI_RUN}")
+    results = {"rc": rc, "ci": summary, "own": len(own)}
+    if step.number == len(series.SERIES) and rc == 0:
+        env = isolated_env(tree, deps)
         done = subprocess.run([python, "-c", PROOF, str(tree)], cwd=tree, env=env, text=True, capture_output=True)
         print(done.stdout.strip() or done.stderr[-3000:])
         if done.returncode != 0:
-            return {"rc": done.returncode}
-    own = verl_own_tests(tree, all_moved)
-    print(f"{label}: verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
-    print(f"{label}: its MTP-RL tests:", *moved, sep="\n  ", flush=True)
-    rc_own, own_summary = run_verl_own_tests(tree, pristine, python, env, deps, own, f"{label}: verl's own tests")
-    rc_moved, stdout = pytest_run(tree, python, env, moved, f"{label}: its MTP-RL tests")
-    results = {"verl's own tests": own_summary if own else None, "its tests": _summary(stdout) if moved else None}
-    return {**results, "rc": rc_own or rc_moved}
+            return {**results, "rc": done.returncode}
+        rc, results["whole"] = run_in_ci_order(tree, pristine, python, deps, own, all_moved, WHOLE_RUN)
+        results["rc"] = rc
+    return results
 
 
 @dataclass
@@ -399,7 +450,7 @@ def main(argv=None) -> int:
         deps = test_deps(args.python, args.cache)
         version = "import megatron.core as m; print(m.__version__)"
         print("tests on megatron-core", _python_output(args.python, tree, isolated_env(tree, deps), ["-c", version]).strip())
-        all_moved = {test for step in steps for test in step.moved}
+        all_moved = [test for step in steps for test in step.moved]
         for step in steps:
             step.results = run_tests(step.tree, pristine, args.python, deps, step, all_moved)
             rc = rc or step.results["rc"]

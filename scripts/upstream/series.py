@@ -44,16 +44,28 @@ SERIES = (
         "cuda-on-cpu",
         "[ci] feat: Megatron-Core's CUDA calls on CPU for unit tests, installed and removed by fixtures",
         "Test-only: stand-ins for the torch.cuda calls and the CUDA RNG tracker Megatron-Core makes, as patches "
-        "that record what they replace and put it back, so verl's other tests see nothing of them.",
-        ("verl_cpu/cuda.py", "verl_cpu/device_module.py", "verl_cpu/patches.py", "verl_cpu/environment.py",
-         "verl_cpu/testing/__init__.py"),
+        "that record what they replace and put it back, and a pytest plugin that fails a test module leaving "
+        "torch.cuda or Megatron's state changed, so verl's other tests see nothing of them.",
+        (
+            "verl_cpu/cuda.py",
+            "verl_cpu/device_module.py",
+            "verl_cpu/patches.py",
+            "verl_cpu/environment.py",
+            "verl_cpu/testing/__init__.py",
+            "tests/support/stand_in_probe.py",
+        ),
     ),
     PullRequest(
         "tiny-gpt",
         "[ci] feat: a tiny Megatron-Core GPTModel with MTP layers on CPU for unit tests",
         "Test-only: a real GPTModel with K MTP layers built and run on CPU (gloo, a CPU core attention with "
-        "packed sequences and context parallelism), and the fixture that sets up and tears down its process group.",
-        ("verl_cpu/attention.py", "verl_cpu/context_parallel_attention.py", "verl_cpu/testing/tiny_gpt.py"),
+        "packed sequences and context parallelism), and the module-scoped fixture that sets it up and puts back "
+        "every stand-in.",
+        (
+            "verl_cpu/attention.py",
+            "verl_cpu/context_parallel_attention.py",
+            "verl_cpu/testing/tiny_gpt.py",
+        ),
     ),
     PullRequest(
         "alignment",
@@ -97,11 +109,13 @@ SERIES = (
         "postprocess",
         "[megatron] test: the RL postprocess end to end against an independent computation",
         "The postprocess's per-head log-probs and gradients (THD and BSHD, K = 1, 2, full recompute of the MTP "
-        "layers, the lm_head trained or not) against a naive computation on the same model.",
+        "layers, the lm_head trained or not) against a naive computation on the same model; the same tests in a "
+        "child process with the stand-in probe, so a leak into verl's CI process fails here.",
         (
             "tests/support/checkpoint_rng.py",
             "tests/models/mcore/test_mtp_patch_on_cpu.py",
             "tests/models/mcore/test_mtp_gpu_paths_on_cpu.py",
+            "tests/models/mcore/test_mtp_cpu_stand_ins_on_cpu.py",
         ),
     ),
     PullRequest(

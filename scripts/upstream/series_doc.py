@@ -44,11 +44,14 @@ def _counts(summary: str | None) -> str:
 def _tests(step, tested: bool) -> str:
     if not tested:
         return f"{TEST_LINE} not run by this generation (`--no-tests`)."
-    own, its = _counts(step.results.get("verl's own tests")), _counts(step.results.get("its tests"))
-    return (
-        f"{TEST_LINE} In verl's tree with this pull request and the ones before it: verl's own CPU tests of the "
-        f"changed modules `{own}`; its own tests ({len(step.moved)} files) `{its}`."
+    line = (
+        f"{TEST_LINE} In verl's tree with this pull request and the ones before it, verl's own CPU tests of the "
+        f"changed modules ({step.results.get('own', 0)} files) and its own tests ({len(step.moved)} files), in one "
+        f"pytest process in verl's CI order (`-x`, the stand-in probe): `{_counts(step.results.get('ci'))}`."
     )
+    if "whole" in step.results:
+        line += f" After the whole series, verl's own and every moved test in one process: `{_counts(step.results['whole'])}`."
+    return line
 
 
 def section(steps, tested: bool) -> str:

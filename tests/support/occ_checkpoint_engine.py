@@ -1,5 +1,5 @@
-"""The product's engine as ``initialize`` leaves it for ``rl`` + OCC with ``carry_last_lambda``, minus the model,
-with a checkpoint manager that does only what the OCC checkpoint tests are about: verl's upload."""
+"""The Megatron engine with the MTP hooks as ``initialize`` leaves it for ``rl`` + OCC with ``carry_last_lambda``,
+minus the model, with a checkpoint manager that does only what the OCC checkpoint tests are about: verl's upload."""
 
 from __future__ import annotations
 

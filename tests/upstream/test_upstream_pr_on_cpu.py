@@ -4,8 +4,8 @@
 the integration and moves the MTP-RL tests under verl's ``tests/``; these tests run it on verl's source
 distribution (downloaded once into ``VERL_MTP_UPSTREAM_CACHE``, default ``~/.cache/verl-mtp/upstream``).
 The first checks the generated change; the second (long: the whole moved test suite) runs verl's own CPU
-tests of the changed modules and the moved tests inside the patched tree, with this repository's packages
-unimportable.
+tests of the changed modules and the moved tests inside the patched tree in one process in verl's CI order,
+with this repository's packages unimportable and every test module checked to leave the process unchanged.
 """
 
 from __future__ import annotations
@@ -89,6 +89,13 @@ def test_upstream_patch_is_generated_with_a_small_edit_of_verl_files(tmp_path):
     assert (tmp_path / "verl-mtp-rl.patch").stat().st_size > 0
     assert re.search(r"^example: \d+ overrides compose with verl's ppo_megatron_trainer", proc.stdout, re.M)
     assert _undocumented_yaml_keys(_added_lines((tmp_path / "verl-mtp-rl.patch").read_text(), MODEL_YAML)) == []
+    assert not re.search(r"^\+\+\+ b/\S*conftest\.py$", (tmp_path / "verl-mtp-rl.patch").read_text(), re.M)
+    pristine = tmp_path / "pristine" / tree.name
+    moved = [p for p in (tree / "tests").rglob("test_*_on_cpu.py") if not (pristine / p.relative_to(tree)).exists()]
+    assert len(moved) > 10, moved
+    for path in moved:  # each moved module that uses the CPU fixture imports it by name
+        text = path.read_text()
+        assert "cpu_megatron" not in text or re.search(r"pytest_fixtures import [^\n]*\bcpu_megatron\b", text), path
     _assert_series_applies_in_order(tmp_path, tree)
 
 
@@ -156,11 +163,13 @@ def test_upstream_tree_passes_verl_and_moved_tests(tmp_path):
     assert re.search(isolation, out, re.M)
     mcore = os.environ.get("VERL_MTP_MCORE", DEFAULT_MCORE)
     assert re.search(rf"^tests on megatron-core {re.escape(mcore)}$", out, re.M), out[-4000:]
-    summaries = dict(re.findall(r"^--- (PR \d+ \(\S+\): .+?): \d+ files -> (.*)$", out, re.M))
-    ran = {label.split(":")[0] for label in summaries if label.endswith("its MTP-RL tests")}
-    assert len(ran) == sum(1 for pr in SERIES if any(src.startswith("tests/") for src in pr.sources)), out[-4000:]
-    for label, summary in summaries.items():
+    runs = dict(re.findall(r"^--- (PR \d+ \(\S+\)): verl's own \+ its tests, CI order: \d+ files -> (.*)$", out, re.M))
+    assert len(runs) == len(SERIES), out[-4000:]
+    runs["whole"] = re.findall(r"^--- whole series: verl's own \+ every moved test, CI order: \d+ files -> (.*)$", out, re.M)[-1]
+    for label, summary in runs.items():
         assert re.search(r"\d+ passed", summary) and not re.search(r"failed|error", summary), (label, summary)
+    probe = re.findall(r"^stand-in probe: (\d+) test modules checked$", out, re.M)
+    assert probe and int(probe[-1]) > 10, out[-4000:]
     assert out.rstrip().splitlines()[-1].startswith("PASSED")
     if os.environ.get("VERL_MTP_MCORE", DEFAULT_MCORE) != DEFAULT_MCORE:
         return  # the doc states the results on the default version; on another the tests above must pass

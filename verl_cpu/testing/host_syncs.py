@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 import traceback
 import weakref
 
@@ -48,7 +49,6 @@ _FACTORIES = {
     torch.full, torch.rand, torch.randn, torch.randint, torch.linspace,
 }
 _MOVES = {torch.Tensor.to, torch.Tensor.cuda}
-_PROJECT_PACKAGES = ("verl_mtp", "verl_cpu", "verl_mtp_example", "benchmarks", "tests", "scripts")
 _MODE_HANDLERS = ("__torch_function__", "__torch_dispatch__")  # other modes' frames (the CPU platform's)
 _OWN_FILES = (__file__, "torch/", "torch\\", "<frozen", "contextlib.py", "functools.py")
 
@@ -68,12 +68,11 @@ def _site() -> str:
 
 
 def _short(filename: str) -> str:
-    """A file as its package path (``verl/...``, ``verl_mtp/...``): the same on every machine."""
-    for root in ("site-packages/", *(f"{os.sep}{pkg}{os.sep}" for pkg in _PROJECT_PACKAGES)):
-        if root in filename:
-            tail = filename.rsplit(root, 1)[1]
-            return tail if root == "site-packages/" else root.strip(os.sep) + os.sep + tail
-    return os.path.basename(filename)
+    """A file as the module path it is imported by (``verl/...``, ``megatron/...``), relative to the deepest
+    ``sys.path`` entry holding it: the same on every machine."""
+    roots = [os.path.join(os.path.abspath(entry or os.curdir), "") for entry in sys.path]
+    holding = [root for root in roots if filename.startswith(root)]
+    return filename[len(max(holding, key=len)) :] if holding else os.path.basename(filename)
 
 
 def _tensors(tree) -> list[torch.Tensor]:

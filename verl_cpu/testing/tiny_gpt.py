@@ -4,9 +4,9 @@ Mocks would not catch a change in Megatron's own ``GPTModel`` / ``MultiTokenPred
 ``_postprocess``, ``roll_tensor``, ``MTPLossAutoScaler`` ...), so tests build the real modules, only very small,
 and run them on CPU. The CPU mechanism is the platform's own (:mod:`verl_cpu.cuda`, what the trainer's CPU
 plugin installs): ``init_cpu_megatron`` applies :data:`verl_cpu.patches.CUDA_ON_CPU` (the ``torch.cuda``
-calls and the RNG tracker), so Megatron's global memory buffer, tensor-parallel collective buffers and MTP loss
-tracker land on the CPU, and the model
-constructor runs inside :func:`~verl_cpu.cuda.cpu_placements` (the pipeline-parallel embedding tie calls
+calls and the RNG tracker) until ``destroy_cpu_megatron`` undoes them, so Megatron's global memory buffer,
+tensor-parallel collective buffers and MTP loss tracker land on the CPU, and the model constructor runs inside
+:func:`~verl_cpu.cuda.cpu_placements` (the pipeline-parallel embedding tie calls
 ``weight.data.cuda()``). What is left here is test-specific:
 
 * ``forward_bshd(labels=None)`` on an MTP model runs the main head only: megatron-core 0.16.1
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import os
 import socket
 from typing import Iterator, Optional
 
@@ -46,10 +47,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from verl_cpu.attention import CPUCoreAttention
 from verl_cpu.cuda import cpu_placements
-from verl_cpu.patches import CUDA_ON_CPU, MEGATRON_RNG_TRACKER, SEQUENCE_PARALLEL_TORCH_NORM, applied
+from verl_cpu.environment import MEGATRON_ATTENTION_ENV
+from verl_cpu.patches import CUDA_ON_CPU, SEQUENCE_PARALLEL_TORCH_NORM, applied
 
 # Whether init_cpu_megatron created the default process group (then destroy_cpu_megatron may tear it down).
 _OWNS_PROCESS_GROUP = False
+# The patches init_cpu_megatron applied itself (not those a CPU plugin applied before): destroy_cpu_megatron
+# undoes exactly these.
+_APPLIED_BY_INIT: list = []
 
 
 def free_port() -> int:
@@ -144,7 +149,9 @@ def init_cpu_megatron(
     _init_process_group(rank, world_size, init_method, timeout_s)
     _init_model_parallel(tp, pp, cp, world_size)
     for patch in CUDA_ON_CPU:
-        patch.apply()
+        if not patch.applied:
+            patch.apply()
+            _APPLIED_BY_INIT.append(patch)
     if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
         tensor_parallel.model_parallel_cuda_manual_seed(0)
 
@@ -152,14 +159,16 @@ def init_cpu_megatron(
 def destroy_cpu_megatron() -> None:
     """Undo ``init_cpu_megatron`` and reset megatron's process-global MTP state, for test isolation.
 
-    The default process group is destroyed only if ``init_cpu_megatron`` created it; Megatron's RNG tracker is
-    Megatron's own again (unset); the ``torch.cuda`` calls keep their CPU meaning (process-wide, as in the
-    trainer; :data:`verl_cpu.patches.TORCH_CUDA` undoes it).
+    Tests share one process with other tests (verl's CI runs every ``*_on_cpu.py`` in one pytest), so everything
+    init changed goes back: the ``torch.cuda`` functions and Megatron's RNG tracker are the originals again
+    (the patches a CPU plugin applied before init stay), the parallel state is gone, and the default process
+    group is destroyed if ``init_cpu_megatron`` created it.
     """
     global _OWNS_PROCESS_GROUP
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    MEGATRON_RNG_TRACKER.undo()
+    while _APPLIED_BY_INIT:
+        _APPLIED_BY_INIT.pop().undo()
     MTPLossLoggingHelper.tracker.clear()
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
@@ -269,6 +278,7 @@ def build_tiny_gpt(
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))
         stack.enter_context(cpu_placements())
+        stack.enter_context(_attention_env_kept())
         if sequence_parallel:
             stack.enter_context(applied([SEQUENCE_PARALLEL_TORCH_NORM]))
         torch.manual_seed(seed)
@@ -282,6 +292,22 @@ def build_tiny_gpt(
     if mtp_num_layers:
         prepare_mtp_loss_tracker(mtp_num_layers)
     return model
+
+
+@contextlib.contextmanager
+def _attention_env_kept() -> Iterator[None]:
+    """Put back Megatron's attention-backend variables after a model build: ``GPTModel`` exports them into
+    ``os.environ`` (:data:`verl_cpu.environment.MEGATRON_ATTENTION_ENV`) and asserts in a later build whose
+    backend disagrees, so one test's tiny model would break another test's engine build in the same process."""
+    saved = {key: os.environ.get(key) for key in MEGATRON_ATTENTION_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def causal_attention_mask(batch: int, seq: int, device: Optional[torch.device | str] = None) -> torch.Tensor:

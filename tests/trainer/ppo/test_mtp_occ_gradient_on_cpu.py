@@ -124,7 +124,8 @@ def naive_statistics(mb: MicroBatch, train_lm_head: bool) -> dict:
 
 
 @pytest.mark.parametrize("train_lm_head", [False, True], ids=["trunk", "trunk+lm_head"])
-def test_estimator_equals_autograd_inner_products(cpu_megatron, train_lm_head):
+@pytest.mark.usefixtures("cpu_megatron")
+def test_estimator_equals_autograd_inner_products(train_lm_head):
     mb = MicroBatch(train_lm_head)
     got = estimator_run(mb, train_lm_head)
     want = naive_statistics(mb, train_lm_head)
@@ -141,7 +142,8 @@ def test_estimator_equals_autograd_inner_products(cpu_megatron, train_lm_head):
     assert not nonfinite.any()
 
 
-def test_estimator_selects_trunk_parameters_once(cpu_megatron):
+@pytest.mark.usefixtures("cpu_megatron")
+def test_estimator_selects_trunk_parameters_once():
     model = build_tiny_gpt(K, seed=7, **MODEL_KW)
     names = {id(p): n for n, p in model.named_parameters()}
     picked = [names[id(p)] for p in shared_trunk_parameters([model], train_lm_head=False)]
@@ -168,7 +170,8 @@ def test_nonfinite_statistics_give_lambda_zero_and_are_flagged():
     }
 
 
-def test_given_coefficients_replace_the_proxy_and_the_proxy_is_logged_next_to_them(cpu_megatron):
+@pytest.mark.usefixtures("cpu_megatron")
+def test_given_coefficients_replace_the_proxy_and_the_proxy_is_logged_next_to_them():
     mb = MicroBatch(train_lm_head=False)
     _, proxy_metrics = mb.loss(None)
     assert not any("occ_grad" in k for k in proxy_metrics)

@@ -31,7 +31,8 @@ def mtp(kind):
 
 @pytest.mark.parametrize("kind", REGIMES)
 @pytest.mark.parametrize("detach_heads", [None, False, True], ids=["absent", "false", "true"])
-def test_megatron_mtp_detach_heads_contradicting_the_regime_is_refused(cpu_megatron, kind, detach_heads):
+@pytest.mark.usefixtures("cpu_megatron")
+def test_megatron_mtp_detach_heads_contradicting_the_regime_is_refused(kind, detach_heads):
     config = build_tiny_gpt(1).config
     if detach_heads is not None:
         config.mtp_detach_heads = detach_heads

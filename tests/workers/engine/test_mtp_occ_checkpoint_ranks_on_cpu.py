@@ -16,6 +16,8 @@ import torch
 from support.occ_checkpoint_engine import engine_with_occ
 from verl_cpu.testing import init_cpu_megatron, run_cpu_ranks
 
+pytestmark = pytest.mark.usefixtures("cpu_megatron")
+
 RANK_LAMBDAS = [{1: 0.25, 2: -0.5}, {1: 0.75, 2: 0.125}]  # rank r's carried lambdas: the ranks' differ
 
 
@@ -23,7 +25,7 @@ def lambdas(engine) -> dict[str, float]:
     return engine.mtp_state.occ_state.state_dict()["last_lambda"]
 
 
-def test_resume_restores_the_state_and_the_file_records_rank_and_world_size(cpu_megatron, tmp_path):
+def test_resume_restores_the_state_and_the_file_records_rank_and_world_size(tmp_path):
     saved = engine_with_occ(RANK_LAMBDAS[0])
     saved.save_checkpoint(str(tmp_path))
     with open(tmp_path / "mtp_occ_state_rank0.json") as f:
@@ -35,14 +37,14 @@ def test_resume_restores_the_state_and_the_file_records_rank_and_world_size(cpu_
     assert lambdas(resumed) == pytest.approx({"1": 0.25, "2": -0.5}) and lambdas(resumed) == lambdas(saved)
 
 
-def test_a_checkpoint_without_occ_files_leaves_the_state_fresh(cpu_megatron, tmp_path):
+def test_a_checkpoint_without_occ_files_leaves_the_state_fresh(tmp_path):
     (tmp_path / "model").mkdir()  # the rest of verl's checkpoint, as a detach run leaves it
     resumed = engine_with_occ({}, initial_lambda=0.05)
     resumed.load_checkpoint(str(tmp_path))
     assert lambdas(resumed) == {}
 
 
-def test_a_file_from_before_the_world_size_was_recorded_loads(cpu_megatron, tmp_path):
+def test_a_file_from_before_the_world_size_was_recorded_loads(tmp_path):
     with open(tmp_path / "mtp_occ_state_rank0.json", "w") as f:
         json.dump({"last_lambda": {"1": 0.5}}, f)  # what save_occ_state wrote before
     resumed = engine_with_occ({})
@@ -89,7 +91,7 @@ def test_two_ranks_resume_their_own_state_and_refuse_a_missing_rank_file(two_ran
 
 
 @pytest.mark.multiprocess
-def test_one_rank_refuses_the_state_of_two(cpu_megatron, two_rank_run):
+def test_one_rank_refuses_the_state_of_two(two_rank_run):
     _, checkpoint_dir = two_rank_run
     resumed = engine_with_occ({})
     with pytest.raises(RuntimeError) as error:
@@ -102,7 +104,7 @@ def test_one_rank_refuses_the_state_of_two(cpu_megatron, two_rank_run):
 
 
 @pytest.mark.multiprocess
-def test_a_run_that_carries_no_lambdas_resumes_from_any_number_of_ranks(cpu_megatron, two_rank_run):
+def test_a_run_that_carries_no_lambdas_resumes_from_any_number_of_ranks(two_rank_run):
     _, checkpoint_dir = two_rank_run
     resumed = engine_with_occ({}, carry_last_lambda=False)  # its OCC state is never read: nothing to restore
     resumed.load_checkpoint(str(checkpoint_dir))
