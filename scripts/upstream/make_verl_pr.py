@@ -1,17 +1,24 @@
-"""Generate the upstream PR into verl from this repository, apply it to verl's tree and test it there on CPU.
+"""Generate the upstream change into verl from this repository as a series of pull requests, apply them one by
+one to verl's tree and test each there on CPU.
 
     python scripts/upstream/make_verl_pr.py [--target sdist|GIT_DIR] [--out DIR] [--cache DIR] [--no-tests]
+                                            [--doc docs/upstream_pr.md]
 
 1. verl's tree: the verl 0.9.1 source distribution from PyPI (cached in ``--cache``), or a bare git mirror
    of verl (``--target /path/to/git-dir``, exported with ``git archive``).
-2. The product's modules at verl's paths, imports rewritten (:mod:`layout`); the integration as edits of
-   verl's own files (:mod:`verl_edits`); the MTP-RL tests under verl's ``tests/`` with their test-only
-   helpers in ``tests/mtp_rl_support`` (each test module imports the fixtures it uses: no conftest.py).
-3. ``OUT/verl-mtp-rl.patch`` (the whole change) and the size of the change to verl's pre-existing files.
-4. In the patched tree, with this repository's packages blocked (``isolation/sitecustomize.py``): verl's own
-   CPU tests that touch the changed modules and the moved tests in one pytest process, in the order and with
-   the ``-x`` of verl's CPU CI, with a plugin that fails any test module leaving ``torch.cuda`` or Megatron
-   changed. Exit status 0 only if all pass.
+2. For each pull request of :data:`series.SERIES`, in order: its files of this repository at verl's paths,
+   imports rewritten (:mod:`layout`), its integration edits of verl's own files (:mod:`verl_edits`), its tests
+   under verl's ``tests/`` with their test-only helpers in ``tests/mtp_rl_support`` (each test module imports
+   the fixtures it uses: no conftest.py); the tree after it (``OUT/steps/NN-name``) and its patch
+   (``OUT/series/NN-name.patch``).
+3. ``OUT/verl-mtp-rl.patch`` (the whole series), the size of each pull request and of the edit of verl's
+   pre-existing files; the example launch script composed with verl's config; ``--doc``: the series' section
+   of that file rewritten (:mod:`series_doc`).
+4. In each step's tree, with this repository's packages blocked (``isolation/sitecustomize.py``) and on the
+   megatron-core version ``VERL_MTP_MCORE`` names: verl's own CPU tests that touch the changed modules and the
+   pull request's tests in one pytest process, in the order and with the ``-x`` of verl's CPU CI, with a plugin
+   that fails any test module leaving ``torch.cuda`` or Megatron changed; after the last, verl's own and every
+   moved test in one process. Exit status 0 only if all pass.
 """
 
 from __future__ import annotations
@@ -329,6 +336,11 @@ def ci_order(files: list[str]) -> list[str]:
     return sorted(files, key=lambda f: Path(f).parts)
 
 
+def _probe(tree: Path) -> list[str]:
+    """pytest's arguments loading the stand-in probe, once the series has brought it."""
+    return ["-p", PROBE] if (tree / Path(*PROBE.split("."))).with_suffix(".py").exists() else []
+
+
 def run_in_ci_order(
     tree: Path, pristine: Path, python: str, deps: Path, own: list[str], moved: list[str], label: str
 ) -> tuple[int, str]:
@@ -337,7 +349,7 @@ def run_in_ci_order(
     own that fails in unpatched verl too (this machine lacks one of verl's dependencies) is left out and the run
     repeated; any other failure fails."""
     env = isolated_env(tree, deps)
-    probe = ["-p", PROBE] if (tree / Path(*PROBE.split("."))).with_suffix(".py").exists() else []
+    probe = _probe(tree)
     left_out: list[str] = []
     while True:
         files = ci_order([f for f in [*own, *moved] if f not in left_out])  # a file that fails to import
@@ -365,7 +377,7 @@ def run_tests(tree: Path, pristine: Path, python: str, deps: Path, step, all_mov
     print(f"{step.label}: verl's own CPU tests touching the changed modules:", *own, sep="\n  ")
     print(f"{step.label}: its MTP-RL tests:", *step.moved, sep="\n  ", flush=True)
     rc, summary = run_in_ci_order(tree, pristine, python, deps, own, step.moved, f"{step.label}: {CI_RUN}")
-    results = {"rc": rc, "ci": summary, "own": len(own)}
+    results = {"rc": rc, "ci": summary, "own": len(own), "probe": _probe(tree) != []}
     if step.number == len(series.SERIES) and rc == 0:
         env = isolated_env(tree, deps)
         done = subprocess.run([python, "-c", PROOF, str(tree)], cwd=tree, env=env, text=True, capture_output=True)

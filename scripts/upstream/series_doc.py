@@ -16,6 +16,10 @@ END = "<!-- series: end of the generated section -->"
 TEST_LINE = "**Test.**"
 
 
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def size_line(rows) -> str:
     """Lines added and removed (tests apart, regenerated configs apart), and whether it is over the size a
     reviewer reads in one sitting."""
@@ -23,13 +27,13 @@ def size_line(rows) -> str:
     tests = sum(r[1] for r in rows if r[0].startswith("tests/"))
     generated = sum(r[1] + r[2] for r in rows if "/_generated_" in r[0])
     over = f", over {REVIEWABLE_LINES}" if added + removed - generated > REVIEWABLE_LINES else ""
-    return f"{len(rows)} files, +{added} -{removed} (tests +{tests}, regenerated configs {generated}{over})"
+    return f"{_files(len(rows))}, +{added} -{removed} (tests +{tests}, regenerated configs {generated}{over})"
 
 
 def _diffstat(rows) -> list[str]:
     lines = ["| file | added | removed |", "|---|---|---|"]
     lines += [f"| `{rel}`{'' if existed else ' (new)'} | {added} | {removed} |" for rel, added, removed, existed in rows]
-    lines.append(f"| **total: {len(rows)} files** | **{sum(r[1] for r in rows)}** | **{sum(r[2] for r in rows)}** |")
+    lines.append(f"| **total: {_files(len(rows))}** | **{sum(r[1] for r in rows)}** | **{sum(r[2] for r in rows)}** |")
     return lines
 
 
@@ -44,10 +48,13 @@ def _counts(summary: str | None) -> str:
 def _tests(step, tested: bool) -> str:
     if not tested:
         return f"{TEST_LINE} not run by this generation (`--no-tests`)."
+    own = _files(step.results.get("own", 0))
+    its = f"its own tests ({_files(len(step.moved))})" if step.moved else "no tests of its own"
+    probe = ", the stand-in probe" if step.results.get("probe") else ""
     line = (
         f"{TEST_LINE} In verl's tree with this pull request and the ones before it, verl's own CPU tests of the "
-        f"changed modules ({step.results.get('own', 0)} files) and its own tests ({len(step.moved)} files), in one "
-        f"pytest process in verl's CI order (`-x`, the stand-in probe): `{_counts(step.results.get('ci'))}`."
+        f"changed modules ({own}) and {its}, in one pytest process in verl's CI order (`-x`{probe}): "
+        f"`{_counts(step.results.get('ci'))}`."
     )
     if "whole" in step.results:
         line += f" After the whole series, verl's own and every moved test in one process: `{_counts(step.results['whole'])}`."
