@@ -3,8 +3,10 @@
 verl's CI runs every ``*_on_cpu.py`` in one pytest process, so whatever a test module installs (the CPU stand-ins
 for ``torch.cuda``, Megatron's RNG tracker, parallel state and MTP loss state, ``NVTE_*`` variables, patched
 classes) must be gone before the next module, which may be one of verl's own. The state is recorded when pytest
-starts, before any test module is imported, and compared after the last test of every module (its module-scoped
-fixtures torn down); a difference is an error of that test, naming what stayed changed.
+starts, before any test module is imported, and when a module's first test is set up; after its last test (its
+module-scoped fixtures torn down) whatever is neither as the module found it nor as the process started is an
+error of that test, naming what stayed changed. ``--stand-in-probe-only=FILE,...`` checks those test files only
+(the MTP-RL tests, in a run among verl's own, whose leaks are verl's to judge).
 """
 
 from __future__ import annotations
@@ -61,20 +63,47 @@ def changes(before: dict, after: dict) -> list[str]:
     return [key for key, value in before.items() if key in after and after[key] != value]
 
 
+def left_changed(session_start: dict, module_start: dict, after: dict) -> list[str]:
+    """What a module left neither as it found it nor as the process started (a module that puts back what an
+    earlier module left changed has left nothing)."""
+    return [key for key in changes(module_start, after) if key in changes(session_start, after)]
+
+
 _start: dict = {}
+_module_start: dict = {}
+_only: set[str] = set()
 checked_modules: list[str] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--stand-in-probe-only",
+        default="",
+        help="comma-separated test files the probe checks (default: every module); others run unchecked",
+    )
 
 
 def pytest_configure(config):
     _start.update(snapshot())
+    _only.update(filter(None, config.getoption("--stand-in-probe-only").split(",")))
+
+
+def _checked(item) -> bool:
+    return not _only or any(str(item.path).endswith(path) for path in _only)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if _checked(item) and item.module not in _module_start:
+        _module_start[item.module] = snapshot()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     result = yield
-    if nextitem is None or nextitem.module is not item.module:
+    if _checked(item) and (nextitem is None or nextitem.module is not item.module):
         checked_modules.append(item.module.__name__)
-        left = changes(_start, snapshot())
+        left = left_changed(_start, _module_start.pop(item.module), snapshot())
         if left:
             raise AssertionError(f"{item.module.__name__} left the process changed: {', '.join(left)}")
     return result
