@@ -142,6 +142,8 @@ def _patch_mtp(model, regime: str, chunk: int, base_loss):
 
     mtp_cfg = MtpRLConfig(
         enable=True,
+        enable_train=True,
+        detach_encoder=regime == "detach",
         mtp_loss_type="rl" if regime.startswith("rl") else regime,
         occ=OCCConfig(
             enable=regime.startswith("rl_occ"), estimator="gradient" if regime == "rl_occ_gradient" else "proxy"
@@ -149,7 +151,7 @@ def _patch_mtp(model, regime: str, chunk: int, base_loss):
         logprob_chunk_size=0 if regime == "rl_materialised" else chunk,
     )
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole module
-        patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg.with_regime_switches()})())
+        patch_engine_mtp(model, type("ModelConfig", (), {"mtp": mtp_cfg})())
     if not mtp_cfg.is_rl:  # what the engine does for verl's own MTP cross-entropy
         keep_mtp_ce_off_lm_head(model)
         return None, base_loss

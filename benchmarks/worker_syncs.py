@@ -45,7 +45,11 @@ def regime_overrides(name: str) -> list[str]:
     regime = get_mtp_regime(base.removesuffix(OCC))
     if base.endswith(OCC) and not regime.policy_loss:
         raise ValueError(f"--regimes {name}: OCC sets the coefficient of a policy-loss regime, {regime.name} has none")
-    overrides = [f"{MTP}.mtp_loss_type={regime.name}"]
+    overrides = [
+        f"{MTP}.enable_train=True",
+        f"{MTP}.detach_encoder={regime.detach_encoder}",
+        f"{MTP}.mtp_loss_type={regime.name}",
+    ]
     if base.endswith(OCC):
         overrides.append(f"{MTP}.occ.enable=True")
     if name.endswith(FUSED):

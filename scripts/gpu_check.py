@@ -44,9 +44,9 @@ def _patch_verl_mtp(model) -> None:
     from verl.utils.megatron_utils import patch_engine_mtp
     from verl_mtp.workers.config import MtpRLConfig
 
-    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=True)
+    cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=True)
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch prints the whole model
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
 
 
 def _scoring_batch(a) -> dict:

@@ -19,7 +19,10 @@ import socket
 import tempfile
 
 REGIMES = {
-    "detach": ["actor_rollout_ref.model.mtp.mtp_loss_type=detach"],
+    "detach": [
+        "actor_rollout_ref.model.mtp.detach_encoder=True",
+        "actor_rollout_ref.model.mtp.mtp_loss_type=detach",
+    ],
     "rl_occ": ["actor_rollout_ref.model.mtp.mtp_loss_type=rl", "actor_rollout_ref.model.mtp.occ.enable=True"],
 }
 LARGE = dict(hidden_size=2048, num_layers=16, num_attention_heads=16, num_key_value_heads=8,
@@ -52,6 +55,7 @@ def _config(model_dir: str, regime: str, cpu: bool):
     overrides += [
         f"trainer.device={'cpu' if cpu else 'cuda'}",
         "actor_rollout_ref.model.mtp.enable=True",
+        "actor_rollout_ref.model.mtp.enable_train=True",
         "actor_rollout_ref.model.trust_remote_code=True",
         "actor_rollout_ref.model.external_lib=verl_mtp_example",
         *REGIMES[regime],

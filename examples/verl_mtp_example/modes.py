@@ -56,6 +56,7 @@ class Mode:
         return {
             f"{MTP}.enable": True,
             f"{MTP}.enable_train": self.regime is not None,
+            f"{MTP}.detach_encoder": self.regime is not None and self.regime.detach_encoder,
             f"{MTP}.mtp_loss_type": None if self.regime is None else self.regime.name,
             f"{MTP}.occ.enable": self.occ,
         }

@@ -44,8 +44,8 @@ _mtp_prefix=actor_rollout_ref.model.mtp
 # MTP_MODE is one of verl-mtp's regimes (actor_rollout_ref.model.mtp.mtp_loss_type; the trainer, and DRY_RUN=1's
 # --check, refuse a name its registry does not hold, naming the registered ones), or rl_occ: the rl regime with
 # OCC setting the coefficient. Every regime loads the MTP layers and trains them; what differs is where the MTP
-# gradient may go and which loss drives it. verl's detach_encoder is the regime's (the MTP engine sets it from
-# mtp_loss_type; the config DRY_RUN=config prints shows verl's default there).
+# gradient may go and which loss drives it. verl's own switches are set to what the regime requires
+# (enable_train=True; detach_encoder=True for detach only): the trainer refuses a contradiction, never rewrites it.
 case "${MTP_MODE}" in
     rl_occ)
         _mtp_type=rl
@@ -58,10 +58,17 @@ case "${MTP_MODE}" in
         MTP_TAG="${MTP_MODE}-${MTP_COEF}"
         ;;
 esac
+# verl's detach_encoder as the regime requires it, read from the regime list the trainer registers
+# (verl_mtp/workers/config/mtp_regimes.yaml in this checkout); a name the list lacks is left to the trainer, which
+# refuses it naming the registered regimes.
+_regimes_file="$(dirname "${BASH_SOURCE[0]}")/../../verl_mtp/workers/config/mtp_regimes.yaml"
+_detach_encoder=$(sed -nE "s/^${_mtp_type}: \{detach_encoder: (true|false),.*/\1/p" "${_regimes_file}")
+_detach_encoder=${_detach_encoder:-false}
 
 MTP_ARGS=(
     "${_mtp_prefix}.enable=True"
     "${_mtp_prefix}.enable_train=True"
+    "${_mtp_prefix}.detach_encoder=${_detach_encoder}"
     "${_mtp_prefix}.mtp_loss_type=${_mtp_type}"
     "${_mtp_prefix}.mtp_loss_scaling_factor=${MTP_COEF}"
     "${_mtp_prefix}.occ.enable=${_occ_enable}"

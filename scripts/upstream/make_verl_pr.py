@@ -235,7 +235,7 @@ assert verl.__file__.startswith(sys.argv[1]), verl.__file__
 assert cls.__module__ == "verl.workers.engine.megatron.transformer_impl", cls
 assert cls.__qualname__ == "MegatronEngineWithLMHead" and "mtp_engine_hooks" in inspect.getsource(cls), cls
 from verl.workers.config import MtpConfig
-assert MtpConfig(enable=True, mtp_loss_type="rl").is_rl
+assert MtpConfig(enable=True, enable_train=True, mtp_loss_type="rl").is_rl
 assert not any(m.split(".")[0] in ("verl_mtp", "verl_cpu") for m in sys.modules), "local package imported"
 try:
     import verl_mtp

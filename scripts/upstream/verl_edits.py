@@ -330,7 +330,8 @@ EXAMPLE_HEADER = """#!/usr/bin/env bash
 # set by Optimal Coefficient Calibration (arXiv 2605.28184, main setting: 16 nodes x 8 GPUs, TP2 / PP2 / CP2).
 # Data: python3 -m verl.utils.dataset.prepare_math dapo-math-17k --output ${DATA_HOME}/data/dapo-math-17k.parquet
 #       python3 -m verl.utils.dataset.prepare_math aime-2024 --output ${DATA_HOME}/data/aime-2024.parquet
-# Baseline: actor_rollout_ref.model.mtp.mtp_loss_type=detach actor_rollout_ref.model.mtp.occ.enable=False.
+# Baseline: actor_rollout_ref.model.mtp.mtp_loss_type=detach actor_rollout_ref.model.mtp.detach_encoder=True
+#           actor_rollout_ref.model.mtp.occ.enable=False.
 set -xeuo pipefail
 
 DATA_HOME=${DATA_HOME:-${HOME}/data/mtp_rl}

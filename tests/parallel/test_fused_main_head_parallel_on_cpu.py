@@ -27,9 +27,9 @@ pytestmark = pytest.mark.multiprocess
 
 K = 2
 REGIMES = {
-    "detach": dict(mtp_loss_type="detach"),
-    "ce": dict(mtp_loss_type="ce"),
-    "rl_occ": dict(mtp_loss_type="rl", occ=OCCConfig(enable=True), train_lm_head=True),
+    "detach": dict(mtp_loss_type="detach", enable_train=True, detach_encoder=True),
+    "ce": dict(mtp_loss_type="ce", enable_train=True),
+    "rl_occ": dict(mtp_loss_type="rl", enable_train=True, occ=OCCConfig(enable=True), train_lm_head=True),
 }
 TP_CONFIGS = [("rl_occ", "thd", False), ("rl_occ", "thd", True), ("detach", "bshd", False), ("ce", "thd", True)]
 CP_CONFIGS = [("rl_occ", "thd", False), ("detach", "bshd", False)]

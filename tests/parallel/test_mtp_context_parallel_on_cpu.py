@@ -20,7 +20,9 @@ from verl_mtp.workers.engine.megatron.transformer_impl import MegatronMTPEngineW
 
 def bare_engine(mtp_loss_type="rl", context_parallel_size=2, **engine):
     obj = object.__new__(MegatronMTPEngineWithLMHead)
-    obj.model_config = SimpleNamespace(mtp=MtpRLConfig(enable=True, mtp_loss_type=mtp_loss_type))
+    obj.model_config = SimpleNamespace(mtp=MtpRLConfig(
+        enable=True, enable_train=True, detach_encoder=mtp_loss_type == "detach", mtp_loss_type=mtp_loss_type
+    ))
     obj.engine_config = SimpleNamespace(context_parallel_size=context_parallel_size, **engine)
     return obj
 
@@ -38,7 +40,7 @@ def test_rl_with_dynamic_context_parallel_fails_at_start_up_with_a_clear_error()
 def test_the_unbound_check_on_a_plain_stand_in():
     stand_in = SimpleNamespace(
         mtp_rl=True,
-        model_config=SimpleNamespace(mtp=MtpRLConfig(enable=True, mtp_loss_type="rl")),
+        model_config=SimpleNamespace(mtp=MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl")),
         engine_config=SimpleNamespace(context_parallel_size=1, dynamic_context_parallel=True),
     )
     with pytest.raises(ValueError, match="dynamic_context_parallel"):

@@ -76,7 +76,7 @@ def actor_batch():
 def engine_micro_batch(model, hook: MTPRLPostprocess, fmt: str, num_heads: int):
     """Forward (verl's model-engine forward + the engine's logits processor), loss and backward of one
     micro-batch: ``(model_output, loss, metrics)``."""
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
     engine = bare_engine(hook, mtp_cfg, fmt)
     data = actor_batch()
     input_ids = data["input_ids"]

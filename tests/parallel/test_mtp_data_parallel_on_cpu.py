@@ -87,7 +87,7 @@ def half(data, rank):
 
 
 def run_loss(mode, scope, data, outputs, dp_group=None):
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True, scope=scope))
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", occ=OCCConfig(enable=True, scope=scope))
     loss_fn = with_mtp_policy_loss(partial(ppo_loss, config=mtp_actor_config(LOSS_MODES[mode])), mtp_cfg, OCCState(mtp_cfg.occ))
     return loss_fn(model_output=outputs, data=data, dp_group=dp_group)
 

@@ -42,7 +42,6 @@ def prepared_engine(model, mtp_config, fmt: str, use_fused_kernels: bool) -> Meg
     given), holding only what a micro-batch reads."""
     engine = object.__new__(MegatronMTPEngineWithLMHead)
     engine.model_config = SimpleNamespace(mtp=mtp_config)
-    hooks.apply_regime_switches(engine.model_config)
     hooks.init_mtp_state(engine)
     engine.engine_config = SimpleNamespace(
         use_fused_kernels=use_fused_kernels,

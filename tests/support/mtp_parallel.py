@@ -37,9 +37,11 @@ MODEL_KW = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_he
 def apply_rl(model, chunk: int, train_lm_head: bool) -> MTPRLPostprocess:
     """What the engine does at start-up for ``mtp_loss_type=rl``: verl's MTP patch, then the MTP-RL
     postprocess (returned)."""
-    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    cfg = MtpRLConfig(
+        enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk,
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # verl's patch_engine_mtp prints the whole model
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
     return patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
 
 

@@ -36,7 +36,7 @@ def naive_head_log_probs(model, seq: torch.Tensor, temperature: float) -> dict[i
 def apply_regime(model, mtp_config):
     """What the engine does at start-up: verl's own MTP patch with the regime's switches, then the regime's (the RL
     postprocess for ``rl``, the frozen lm_head for verl's MTP cross-entropy otherwise)."""
-    patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config.with_regime_switches()))
+    patch_engine_mtp(model, SimpleNamespace(mtp=mtp_config))
     if mtp_config.is_rl:
         patch_postprocess_rl(model, mtp_config.train_lm_head, mtp_config.logprob_chunk_size)
     else:

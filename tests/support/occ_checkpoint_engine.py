@@ -34,7 +34,7 @@ def engine_with_occ(
 ) -> MegatronMTPEngineWithLMHead:
     """The engine whose OCC state carries ``carried`` (head -> lambda), set through OCC itself."""
     occ = {"enable": True, "carry_last_lambda": carry_last_lambda, "initial_lambda": initial_lambda}
-    mtp = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=occ)
+    mtp = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", occ=occ)
     engine = MegatronMTPEngineWithLMHead.__new__(MegatronMTPEngineWithLMHead)
     engine.model_config = SimpleNamespace(mtp=mtp)
     engine.module, engine._is_offload_param, engine._is_offload_optimizer = [], False, False

@@ -67,6 +67,7 @@ def _base(model: str, data: str) -> list[str]:
         "trainer.nnodes=2",
         "trainer.n_gpus_per_node=8",
         f"{MTP}.enable=True",
+        f"{MTP}.enable_train=True",
         f"{MTP}.mtp_loss_type=rl",
         f"{MTP}.occ.enable=True",
     ]

@@ -3,8 +3,8 @@
 * The MTP-RL trainer config is verl's ``ppo_megatron_trainer`` (composed from the installed package,
   ``pkg://verl.trainer.config``, where verl does not carry them itself) with the ``actor_rollout_ref.model.mtp`` keys.
 * ``omega_conf_to_dataclass`` (what verl's workers call) turns the block into ``MtpRLConfig``; each
-  ``mtp_loss_type`` names a registered regime that fixes verl's own ``enable_train`` / ``detach_encoder``
-  switches (the engine hands verl ``with_regime_switches()``; the config object itself only validates).
+  ``mtp_loss_type`` names a registered regime that requires verl's own ``enable_train`` / ``detach_encoder``
+  switches to say what it trains; the config object only validates (a contradiction is refused, never rewritten).
 * Contradictory settings fail with a ``ValueError`` whose message names the offending key. Through Hydra's
   ``instantiate`` (the path verl takes) that ``ValueError`` arrives wrapped in Hydra's
   ``InstantiationException`` and its text is kept in the message.
@@ -81,7 +81,9 @@ def test_adds_mtp_rl_keys_with_paper_defaults(default_cfg):
 
 
 def test_rollout_sees_the_same_mtp_block():
-    cfg = _compose(f"{MTP}.enable=True", f"{MTP}.mtp_loss_type=rl", f"{MTP}.occ.enable=True")
+    cfg = _compose(
+        f"{MTP}.enable=True", f"{MTP}.enable_train=True", f"{MTP}.mtp_loss_type=rl", f"{MTP}.occ.enable=True",
+    )
     resolved = OmegaConf.to_container(cfg.actor_rollout_ref, resolve=True)
     assert resolved["rollout"]["mtp"] == resolved["model"]["mtp"]
 
@@ -98,7 +100,6 @@ def test_null_type_keeps_verl_switches_as_given():
     mtp = _mtp("enable=True", "enable_train=True", "detach_encoder=True")
     assert mtp.mtp_loss_type is None
     assert (mtp.enable_train, mtp.detach_encoder) == (True, True)
-    assert mtp.with_regime_switches() is mtp
 
 
 # mtp_loss_type -> (enable_train, detach_encoder, is_rl)
@@ -110,23 +111,34 @@ def test_regime_table_covers_every_type():
 
 
 @pytest.mark.parametrize("kind", sorted(REGIMES))
-def test_type_sets_verl_switches(kind):
+def test_type_is_accepted_with_its_verl_switches_and_left_as_given(kind):
     enable_train, detach_encoder, is_rl = REGIMES[kind]
-    # enable_train / detach_encoder left at their YAML defaults (False): the type decides them.
-    mtp = _mtp("enable=True", f"mtp_loss_type={kind}")
+    mtp = _mtp(
+        "enable=True", f"enable_train={enable_train}", f"detach_encoder={detach_encoder}", f"mtp_loss_type={kind}",
+    )
     assert type(mtp) is MtpRLConfig
-    assert mtp.mtp_loss_type == kind
-    resolved = mtp.with_regime_switches()  # what the engine hands verl
-    assert type(resolved) is MtpRLConfig and resolved is not mtp
-    assert (resolved.enable_train, resolved.detach_encoder, resolved.is_rl) == (enable_train, detach_encoder, is_rl)
-    assert (mtp.enable_train, mtp.detach_encoder) == (False, False)  # the config object only validates
-    assert resolved.occ.enable is False and resolved.mtp_loss_type == kind
+    assert (mtp.mtp_loss_type, mtp.enable_train, mtp.detach_encoder, mtp.is_rl) == (
+        kind,
+        enable_train,
+        detach_encoder,
+        is_rl,
+    )
+    assert mtp.occ.enable is False
 
 
-def test_detach_type_overrides_a_false_detach_encoder():
-    mtp = _mtp("enable=True", "mtp_loss_type=detach", "detach_encoder=False", "enable_train=False")
-    resolved = mtp.with_regime_switches()
-    assert (resolved.enable_train, resolved.detach_encoder) == (True, True)
+@pytest.mark.parametrize("kind", sorted(REGIMES))
+def test_type_refuses_verl_switches_that_contradict_it(kind):
+    _, detach_encoder, _ = REGIMES[kind]
+    wrong = {
+        f"detach_encoder={not detach_encoder} contradicts mtp_loss_type={kind}": f"detach_encoder={not detach_encoder}",
+        "enable_train=False (verl would not run them": "enable_train=False",
+    }
+    for message, switch in wrong.items():
+        given = {"enable_train=True", f"detach_encoder={detach_encoder}"}
+        given = {s for s in given if s.split("=")[0] != switch.split("=")[0]} | {switch}
+        with pytest.raises((ValueError, InstantiationException)) as info:
+            _mtp("enable=True", *sorted(given), f"mtp_loss_type={kind}")
+        assert message in str(_value_error_in_chain(info.value))
 
 
 def test_unknown_regime_error_lists_the_registered_names():
@@ -140,6 +152,7 @@ def test_unknown_regime_error_lists_the_registered_names():
 def test_rl_with_occ_builds_occ_config():
     mtp = _mtp(
         "enable=True",
+        "enable_train=True",
         "mtp_loss_type=rl",
         "occ.enable=True",
         "occ.lambda_plus=0.5",
@@ -158,7 +171,9 @@ def test_rl_with_occ_builds_occ_config():
 
 @pytest.mark.parametrize("scope", OCC_SCOPES)
 def test_every_documented_scope_is_accepted(scope):
-    assert _mtp("enable=True", "mtp_loss_type=rl", "occ.enable=True", f"occ.scope={scope}").occ.scope == scope
+    assert _mtp(
+        "enable=True", "enable_train=True", "mtp_loss_type=rl", "occ.enable=True", f"occ.scope={scope}",
+    ).occ.scope == scope
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -173,12 +188,12 @@ BAD = {
     "rl_without_enable": (
         ["mtp_loss_type=rl"],
         "mtp.enable",
-        dict(mtp_loss_type="rl"),
+        dict(mtp_loss_type="rl", enable_train=True),
     ),
     "ce_without_enable": (
         ["mtp_loss_type=ce"],
         "mtp.enable",
-        dict(mtp_loss_type="ce"),
+        dict(mtp_loss_type="ce", enable_train=True),
     ),
     "occ_with_detach": (
         ["enable=True", "mtp_loss_type=detach", "occ.enable=True"],
@@ -204,6 +219,16 @@ BAD = {
         ["enable=True", "mtp_loss_type=rl", "detach_encoder=True"],
         "detach_encoder",
         dict(enable=True, mtp_loss_type="rl", detach_encoder=True),
+    ),
+    "detach_without_detach_encoder": (
+        ["enable=True", "enable_train=True", "mtp_loss_type=detach"],
+        "detach_encoder=True",
+        dict(enable=True, enable_train=True, mtp_loss_type="detach"),
+    ),
+    "rl_without_enable_train": (
+        ["enable=True", "mtp_loss_type=rl"],
+        "enable_train=True",
+        dict(enable=True, mtp_loss_type="rl"),
     ),
     "bad_occ_scope": (
         ["enable=True", "mtp_loss_type=rl", "occ.enable=True", "occ.scope=global"],

@@ -362,7 +362,7 @@ def test_mtp_mode(dry_runs, script, mode):
     loss_type, detach_encoder, occ_enable = MODE_TABLE[mode]
     assert mtp.enable is True and mtp.enable_train is True
     assert mtp.mtp_loss_type == loss_type
-    assert omega_conf_to_dataclass(mtp).with_regime_switches().detach_encoder is detach_encoder
+    assert mtp.detach_encoder is detach_encoder and omega_conf_to_dataclass(mtp).mtp_loss_type == loss_type
     assert mtp.occ.enable is occ_enable
     assert mtp.occ.lambda_plus == pytest.approx(1.0)
     assert mtp.mtp_loss_scaling_factor == pytest.approx(0.1)  # MTP_COEF default

@@ -103,7 +103,8 @@ def test_bf16_ddp_detach_and_ce_gradient_routing(regime):
     ``ce`` the trunk too; neither reaches the output layer."""
     with cpu_gradient_accumulation_fusion():
         model, ddp = bf16_ddp_model()
-        apply_regime(ddp, MtpRLConfig(enable=True, mtp_loss_type=regime))
+        config = MtpRLConfig(enable=True, enable_train=True, detach_encoder=regime == "detach", mtp_loss_type=regime)
+        apply_regime(ddp, config)
         mtp_only_loss_ce(ddp, [torch.randint(1, MODEL_KW["vocab_size"], (10,)) for _ in range(2)]).backward()
         ddp.finish_grad_sync()
     for name, p in model.named_parameters():
@@ -188,17 +189,15 @@ def test_moe_head_log_probs_and_grads_equal_naive(path):
 # ------------------------------------------------------------------------------- verl's MTP settings with rl
 @pytest.mark.parametrize("path", CHUNKS)
 def test_verl_mtp_settings_reach_megatron_as_the_rl_regime_documents(path):
-    """verl's ``enable_train`` / ``detach_encoder`` given against the regime and Megatron's own
-    ``mtp_loss_scaling_factor`` (what verl writes into the TransformerConfig): ``rl`` still runs the heads on
-    the undetached trunk, Megatron's MTP cross-entropy is never added (its tracker stays 0) and the gradients
-    are those of the policy term alone, whatever Megatron's factor."""
+    """verl's ``enable_train`` / ``detach_encoder`` against the regime are refused, never rewritten, and
+    Megatron's own ``mtp_loss_scaling_factor`` (what verl writes into the TransformerConfig) changes nothing:
+    ``rl`` runs the heads on the undetached trunk, Megatron's MTP cross-entropy is never added (its tracker
+    stays 0) and the gradients are those of the policy term alone, whatever Megatron's factor."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
     from verl_cpu.testing import MTP_LOSS_TRACKER_KEY
 
-    cfg = MtpRLConfig(enable=True, enable_train=False, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3,
+    cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3,
                       train_lm_head=True, logprob_chunk_size=CHUNKS[path])
-    switched = cfg.with_regime_switches()
-    assert switched.enable_train and not switched.detach_encoder
     want = fp32_reference(CHUNKS[path])
     for factor in (0.3, 5.0):
         model = build_tiny_gpt(K, seed=MODEL_SEED, config_overrides=dict(mtp_loss_scaling_factor=factor), **MODEL_KW)
@@ -207,5 +206,7 @@ def test_verl_mtp_settings_reach_megatron_as_the_rl_regime_documents(path):
         assert not MTPLossLoggingHelper.tracker[MTP_LOSS_TRACKER_KEY].any()
         for name, g in want["grads"].items():
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
-    with pytest.raises(ValueError, match="detach_encoder"):
-        MtpRLConfig(enable=True, mtp_loss_type="rl", detach_encoder=True)
+    with pytest.raises(ValueError, match="detach_encoder=True contradicts mtp_loss_type=rl"):
+        MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", detach_encoder=True)
+    with pytest.raises(ValueError, match="set enable_train=True"):
+        MtpRLConfig(enable=True, enable_train=False, mtp_loss_type="rl")

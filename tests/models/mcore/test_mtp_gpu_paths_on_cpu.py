@@ -89,9 +89,9 @@ def test_bf16_main_head_scores_and_gradients_in_chunks(temperature):
 
 def rl_scores_and_grads(chunk: int, recompute: bool, k: int = 2):
     model = build_tiny_gpt(k, vocab_size=48, seed=3)
-    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=True, logprob_chunk_size=chunk)
+    cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=True, logprob_chunk_size=chunk)
     with contextlib.redirect_stdout(None):  # verl's patch prints the model
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
     hook = patch_postprocess_rl(model, cfg.train_lm_head, cfg.logprob_chunk_size)
     let_mtp_layers_recompute(model)  # as the engine does with every regime (megatron-core 0.18.0)
     if recompute:

@@ -45,7 +45,9 @@ def test_every_head_product_with_the_vocabulary_is_one_matrix_product(chunk, b, 
     """
     vocab, s = 53, 9
     model = build_tiny_gpt(1, vocab_size=vocab, seed=3)
-    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    cfg = MtpRLConfig(
+        enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk,
+    )
     apply_regime(model, cfg)
     ids = torch.randint(1, vocab, (b, s))
     prepare_mtp_loss_tracker(1)
@@ -63,7 +65,7 @@ def test_a_second_backward_is_refused_with_the_fix(chunk):
     """Both paths' saved exponentials become the gradient in place, so a second backward would read a gradient."""
     vocab, s = 53, 6
     model = build_tiny_gpt(1, vocab_size=vocab, seed=5)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=chunk))
+    apply_regime(model, MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", logprob_chunk_size=chunk))
     ids = torch.randint(1, vocab, (1, s))
     prepare_mtp_loss_tracker(1)
     model(ids, torch.arange(s)[None], causal_attention_mask(1, s), labels=main_labels(ids, [s]))

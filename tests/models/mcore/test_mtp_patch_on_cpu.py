@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("cpu_megatron")
 
 def rl_model(k, train_lm_head=False, chunk=0, **kw):
     model = build_tiny_gpt(k, vocab_size=VOCAB, **kw)
-    cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    cfg = MtpRLConfig(
+        enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=train_lm_head, logprob_chunk_size=chunk,
+    )
     apply_regime(model, cfg)
     return model
 
@@ -180,7 +182,14 @@ _TRUNK_AND_HEADS = {"embedding": True, "decoder": True, "mtp": True, "output_lay
 )
 def test_gradient_routing_per_regime(regime, train_lm_head, chunk, expected):
     model = build_tiny_gpt(2, vocab_size=VOCAB)
-    cfg = MtpRLConfig(enable=True, mtp_loss_type=regime, train_lm_head=train_lm_head, logprob_chunk_size=chunk)
+    cfg = MtpRLConfig(
+        enable=True,
+        enable_train=True,
+        detach_encoder=regime == "detach",
+        mtp_loss_type=regime,
+        train_lm_head=train_lm_head,
+        logprob_chunk_size=chunk,
+    )
     apply_regime(model, cfg)
     seqs = [torch.randint(1, VOCAB, (8,)) for _ in range(2)]
     loss = mtp_only_loss_rl(model, seqs) if regime == "rl" else mtp_only_loss_ce(model, seqs)
@@ -189,7 +198,7 @@ def test_gradient_routing_per_regime(regime, train_lm_head, chunk, expected):
 
 def test_detach_gives_every_mtp_parameter_gradient_and_no_trunk_parameter():
     model = build_tiny_gpt(1, vocab_size=VOCAB)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="detach"))
+    apply_regime(model, MtpRLConfig(enable=True, enable_train=True, detach_encoder=True, mtp_loss_type="detach"))
     loss = mtp_only_loss_ce(model, [torch.randint(1, VOCAB, (8,)) for _ in range(2)])
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -210,9 +219,9 @@ def test_without_grad_the_mtp_heads_do_not_run():
 
 def test_main_logits_unchanged_by_the_rl_patch():
     plain = build_tiny_gpt(2, vocab_size=VOCAB, seed=3)
-    apply_regime(plain, MtpRLConfig(enable=True, mtp_loss_type="ce"))
+    apply_regime(plain, MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="ce"))
     patched = build_tiny_gpt(2, vocab_size=VOCAB, seed=3)
-    apply_regime(patched, MtpRLConfig(enable=True, mtp_loss_type="rl"))
+    apply_regime(patched, MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl"))
     ids = torch.randint(1, VOCAB, (2, 7))
     args = (ids, torch.arange(7).expand(2, 7).contiguous(), causal_attention_mask(2, 7))
     prepare_mtp_loss_tracker(2)
@@ -235,8 +244,10 @@ def test_detached_head_ce_trains_heads_but_sends_nothing_into_the_trunk(chunk):
 
     def run(lam, ce_coef):
         model = build_tiny_gpt(2, vocab_size=VOCAB, seed=5)
-        cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", logprob_chunk_size=chunk, detached_head_ce_coef=ce_coef)
-        patch_engine_mtp(model, SimpleNamespace(mtp=cfg.with_regime_switches()))
+        cfg = MtpRLConfig(
+            enable=True, enable_train=True, mtp_loss_type="rl", logprob_chunk_size=chunk, detached_head_ce_coef=ce_coef,
+        )
+        patch_engine_mtp(model, SimpleNamespace(mtp=cfg))
         patch_postprocess_rl(model, False, chunk, detached_head_ce=ce_coef > 0)
         _, aligned = rl_forward_bshd(model, seqs, 1.0)
         loss = 0
@@ -266,7 +277,7 @@ def test_detach_trains_only_the_mtp_layers_with_a_tied_or_untied_lm_head(share_e
     """With tied embeddings the lm_head weight is the word embedding, reached through ``output_weight``: the MTP
     cross-entropy must not train it through either route."""
     model = build_tiny_gpt(2, vocab_size=VOCAB, share_embeddings=share_embeddings)
-    apply_regime(model, MtpRLConfig(enable=True, mtp_loss_type="detach"))
+    apply_regime(model, MtpRLConfig(enable=True, enable_train=True, detach_encoder=True, mtp_loss_type="detach"))
     loss = mtp_only_loss_ce(model, [torch.randint(1, VOCAB, (8,)) for _ in range(2)])
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -279,7 +290,7 @@ def test_unpatch_restores_the_original_postprocess(verl_patched):
     """patch / unpatch are a pair: afterwards the chunk's postprocess is exactly what it was, and runs as before."""
     model = build_tiny_gpt(2, vocab_size=VOCAB, seed=7)
     if verl_patched:
-        patch_engine_mtp(model, SimpleNamespace(mtp=MtpRLConfig(enable=True, mtp_loss_type="ce").with_regime_switches()))
+        patch_engine_mtp(model, SimpleNamespace(mtp=MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="ce")))
     before = model.__dict__.get("_postprocess", "absent")
     ids = torch.randint(1, VOCAB, (2, 7))
     args = (ids, torch.arange(7).expand(2, 7).contiguous(), causal_attention_mask(2, 7))

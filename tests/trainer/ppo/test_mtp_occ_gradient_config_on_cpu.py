@@ -18,41 +18,44 @@ def _mtp(*overrides: str):
 
 
 def test_proxy_is_the_default_and_no_diagnostics_run():
-    for occ in (OCCConfig(), OCCConfig(enable=True), _mtp("enable=True", "mtp_loss_type=rl", "occ.enable=True").occ):
+    composed = _mtp("enable=True", "enable_train=True", "mtp_loss_type=rl", "occ.enable=True").occ
+    for occ in (OCCConfig(), OCCConfig(enable=True), composed):
         assert occ.estimator == "proxy" and occ.diagnose_every == 0 and occ.lambda_plus_gradient == 1.0
         assert not occ.needs_gradients
 
 
 def test_gradient_keys_compose_from_the_yaml():
     occ = _mtp(
-        "enable=True", "mtp_loss_type=rl", "occ.enable=True", "occ.estimator=gradient",
+        "enable=True", "enable_train=True", "mtp_loss_type=rl", "occ.enable=True", "occ.estimator=gradient",
         "occ.lambda_plus_gradient=0.3", "occ.diagnose_every=5",
     ).occ
     assert (occ.estimator, occ.lambda_plus_gradient, occ.diagnose_every) == ("gradient", 0.3, 5)
     assert occ.needs_gradients
-    diagnose_only = _mtp("enable=True", "mtp_loss_type=rl", "occ.diagnose_every=3").occ  # fixed coefficient
+    diagnose_only = _mtp(
+        "enable=True", "enable_train=True", "mtp_loss_type=rl", "occ.diagnose_every=3",
+    ).occ  # fixed coefficient
     assert diagnose_only.needs_gradients and not diagnose_only.enable
 
 
 BAD = {
     "unknown_estimator": (
-        dict(enable=True, mtp_loss_type="rl", occ={"enable": True, "estimator": "full"}),
+        dict(enable=True, enable_train=True, mtp_loss_type="rl", occ={"enable": True, "estimator": "full"}),
         ["occ.estimator='full'", *OCC_ESTIMATORS],
     ),
     "gradient_without_occ": (
-        dict(enable=True, mtp_loss_type="rl", occ={"estimator": "gradient"}),
+        dict(enable=True, enable_train=True, mtp_loss_type="rl", occ={"estimator": "gradient"}),
         ["occ.estimator=gradient", "occ.enable=True", "diagnose_every"],
     ),
     "negative_diagnose_every": (
-        dict(enable=True, mtp_loss_type="rl", occ={"enable": True, "diagnose_every": -1}),
+        dict(enable=True, enable_train=True, mtp_loss_type="rl", occ={"enable": True, "diagnose_every": -1}),
         ["occ.diagnose_every", ">= 0"],
     ),
     "fractional_diagnose_every": (
-        dict(enable=True, mtp_loss_type="rl", occ={"enable": True, "diagnose_every": 1.5}),
+        dict(enable=True, enable_train=True, mtp_loss_type="rl", occ={"enable": True, "diagnose_every": 1.5}),
         ["occ.diagnose_every", "integer"],
     ),
     "diagnose_with_detach": (
-        dict(enable=True, mtp_loss_type="detach", occ={"diagnose_every": 2}),
+        dict(enable=True, enable_train=True, detach_encoder=True, mtp_loss_type="detach", occ={"diagnose_every": 2}),
         ["occ.diagnose_every=2", "mtp_loss_type=rl"],
     ),
     "diagnose_without_regime": (
@@ -60,7 +63,12 @@ BAD = {
         ["occ.diagnose_every", "mtp_loss_type=rl"],
     ),
     "nonpositive_lambda_plus_gradient": (
-        dict(enable=True, mtp_loss_type="rl", occ={"enable": True, "estimator": "gradient", "lambda_plus_gradient": 0}),
+        dict(
+            enable=True,
+            enable_train=True,
+            mtp_loss_type="rl",
+            occ={"enable": True, "estimator": "gradient", "lambda_plus_gradient": 0},
+        ),
         ["occ.lambda_plus_gradient", "> 0"],
     ),
 }
@@ -78,5 +86,5 @@ def test_bad_settings_name_the_key_and_the_fix(case):
 
 def test_bad_estimator_through_hydra_names_the_key():
     with pytest.raises((ValueError, InstantiationException)) as info:
-        _mtp("enable=True", "mtp_loss_type=rl", "occ.enable=True", "occ.estimator=exact")
+        _mtp("enable=True", "enable_train=True", "mtp_loss_type=rl", "occ.enable=True", "occ.estimator=exact")
     assert "occ.estimator='exact'" in str(info.value) and "'gradient'" in str(info.value)

@@ -37,6 +37,7 @@ def smoke(model_dir, *occ_overrides):
     proc, out = run_engine_smoke(
         model_dir,
         "actor_rollout_ref.model.mtp.enable=True",
+        "actor_rollout_ref.model.mtp.enable_train=True",
         "actor_rollout_ref.model.mtp.mtp_loss_type=rl",
         "actor_rollout_ref.model.external_lib=verl_mtp_example",
         "actor_rollout_ref.model.trust_remote_code=True",

@@ -56,7 +56,9 @@ class MicroBatch:
     def __init__(self, train_lm_head: bool, seed: int = 7):
         self.model = build_tiny_gpt(K, seed=seed, packed_attention=True, **MODEL_KW)
         hook = apply_rl(self.model, chunk=5, train_lm_head=train_lm_head)
-        mtp = MtpRLConfig(enable=True, mtp_loss_type="rl", train_lm_head=train_lm_head, occ=OCCConfig(enable=True))
+        mtp = MtpRLConfig(
+            enable=True, enable_train=True, mtp_loss_type="rl", train_lm_head=train_lm_head, occ=OCCConfig(enable=True),
+        )
         engine = bare_engine(hook, mtp)
         self.engine, self.base_loss = engine, partial(ppo_loss, config=mtp_actor_config(DAPO))
 

@@ -22,11 +22,12 @@ from verl_mtp.workers.config import MtpRLConfig
 from verl_mtp.workers.config.mtp import check_distillation_settings, check_megatron_mtp_settings
 from verl_mtp.workers.utils.losses import with_mtp_policy_loss
 
+MTP = "actor_rollout_ref.model.mtp"
 REGIMES = ("detach", "ce", "rl")
 
 
 def mtp(kind):
-    return MtpRLConfig(enable=True, mtp_loss_type=kind)
+    return MtpRLConfig(enable=True, enable_train=True, detach_encoder=kind == "detach", mtp_loss_type=kind)
 
 
 @pytest.mark.parametrize("kind", REGIMES)
@@ -79,7 +80,8 @@ MODES = {  # verl's distillation modes: (loss_mode, use_task_rewards, use_policy
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", REGIMES)
 def test_rl_needs_verl_task_policy_term_under_distillation(mode, kind):
-    cfg = compose_config([f"actor_rollout_ref.model.mtp.mtp_loss_type={kind}", *distillation_overrides(*MODES[mode])])
+    regime = [f"{MTP}.enable_train=True", f"{MTP}.detach_encoder={kind == 'detach'}", f"{MTP}.mtp_loss_type={kind}"]
+    cfg = compose_config([*regime, *distillation_overrides(*MODES[mode])])
     distillation = omega_conf_to_dataclass(cfg.distillation)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     base = partial(distillation_ppo_loss, config=actor, distillation_config=distillation)
@@ -96,5 +98,5 @@ def test_rl_needs_verl_task_policy_term_under_distillation(mode, kind):
 
 
 def test_without_distillation_rl_is_accepted():
-    cfg = compose_config(["actor_rollout_ref.model.mtp.mtp_loss_type=rl"])
+    cfg = compose_config([f"{MTP}.enable_train=True", f"{MTP}.mtp_loss_type=rl"])
     check_distillation_settings(cfg.actor_rollout_ref.model.mtp, cfg.get("distillation"))

@@ -23,7 +23,7 @@ VERL_ENGINE = "verl.workers.engine.megatron.transformer_impl.MegatronEngineWithL
 ORDERS = {
     "config_then_verl": ("import verl_mtp.workers.config.mtp\nimport verl\n", {}, MTP_ENGINE),
     "config_package_then_regime": (
-        "from verl_mtp.workers.config import MtpRLConfig\nMtpRLConfig(enable=True, mtp_loss_type='rl')\n",
+        "from verl_mtp.workers.config import MtpRLConfig\nMtpRLConfig(enable=True, enable_train=True, mtp_loss_type='rl')\n",
         {},
         MTP_ENGINE,
     ),

@@ -40,10 +40,10 @@ pytestmark = pytest.mark.usefixtures("cpu_megatron")
 VOCAB = MODEL_KW["vocab_size"]
 CHUNK = 5
 REGIMES = {
-    "detach": dict(mtp_loss_type="detach"),
-    "ce": dict(mtp_loss_type="ce"),
-    "rl": dict(mtp_loss_type="rl"),
-    "rl_occ": dict(mtp_loss_type="rl", occ=OCCConfig(enable=True), train_lm_head=True),
+    "detach": dict(mtp_loss_type="detach", enable_train=True, detach_encoder=True),
+    "ce": dict(mtp_loss_type="ce", enable_train=True),
+    "rl": dict(mtp_loss_type="rl", enable_train=True),
+    "rl_occ": dict(mtp_loss_type="rl", enable_train=True, occ=OCCConfig(enable=True), train_lm_head=True),
 }
 CONFIGS = [(regime, fmt, k) for regime in REGIMES for fmt in ("thd", "bshd") for k in (1, 2)]
 
@@ -132,7 +132,10 @@ def test_what_needs_the_main_heads_logits_is_refused_with_the_setting():
 def test_start_up_refuses_a_zero_chunk_and_top_k_distillation_and_leaves_verl_alone_without_a_regime():
     model = build_tiny_gpt(1, seed=7, **MODEL_KW)
     with pytest.raises(ValueError, match="logprob_chunk_size"):
-        prepared_engine(model, MtpRLConfig(enable=True, mtp_loss_type="detach", logprob_chunk_size=0), "thd", True)
+        config = MtpRLConfig(
+            enable=True, enable_train=True, detach_encoder=True, mtp_loss_type="detach", logprob_chunk_size=0
+        )
+        prepared_engine(model, config, "thd", True)
     topk = OmegaConf.create({"enabled": True, "distillation_loss": {"loss_mode": "forward_kl_topk"}})
     with pytest.raises(ValueError, match="top-k distillation"):
         check_fused_main_head_settings(True, mtp_config("rl"), topk)

@@ -55,7 +55,7 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_one_micro_batch_stays_within_the_sync_budget(setting, num_heads, loss_mode):
     config = mtp_actor_config([f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"])
-    mtp_config = MtpRLConfig(enable=True, mtp_loss_type="rl", **SETTINGS[setting])
+    mtp_config = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", **SETTINGS[setting])
     data = make_actor_batch([3, 5, 2, 4], [6, 4, 7, 5], seed=3)
     output = unaligned_outputs(data, num_heads, mtp_config.detached_head_ce_coef > 0)
     ppo_loss(config=config, model_output=output, data=data)  # verl's own term; fills global_batch_info

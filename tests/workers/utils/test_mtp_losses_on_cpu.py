@@ -76,7 +76,7 @@ def test_coefficient_zero_equals_verl_ppo_loss_and_gradients():
     data = make_actor_batch([3, 5, 2], [6, 4, 7])
     out, leaves = model_outputs(data, num_heads=2)
     base = partial(ppo_loss, config=config)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.0)
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.0)
     loss_fn = with_mtp_policy_loss(base, mtp_cfg, OCCState(mtp_cfg.occ))
 
     want, _ = base(model_output=out, data=data)
@@ -117,7 +117,9 @@ def test_mtp_term_is_registered_policy_loss_with_scaled_advantages(overrides, oc
     data = make_actor_batch([4, 2, 6, 3], [7, 9, 3, 5], seed=1)
     out, leaves = model_outputs(data, num_heads=2, seed=1)
     base = partial(ppo_loss, config=config)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3, occ=OCCConfig(enable=occ))
+    mtp_cfg = MtpRLConfig(
+        enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3, occ=OCCConfig(enable=occ),
+    )
     loss_fn = with_mtp_policy_loss(base, mtp_cfg, OCCState(mtp_cfg.occ))
 
     base_loss, _ = base(model_output=out, data=data)
@@ -144,7 +146,7 @@ def test_entropy_and_kl_terms_do_not_drop_the_mtp_term():
     out, leaves = model_outputs(data, num_heads=1, seed=2)
     out["entropy"] = nested_like(data, torch.rand(data["input_ids"].values().shape[0]))
     base = partial(ppo_loss, config=config)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.5)
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.5)
     total, metrics = with_mtp_policy_loss(base, mtp_cfg, OCCState(mtp_cfg.occ))(model_output=out, data=data)
     base_loss, base_metrics = base(model_output=out, data=data)
     assert "actor/entropy_loss" in base_metrics and "kl_loss" in base_metrics
@@ -157,7 +159,7 @@ def test_gradient_reaches_heads_only_on_valid_response_tokens():
     config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5], [6, 4], seed=3)
     out, leaves = model_outputs(data, num_heads=2, seed=3)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=1.0)
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=1.0)
     total, _ = with_mtp_policy_loss(partial(ppo_loss, config=config), mtp_cfg, OCCState(mtp_cfg.occ))(
         model_output=out, data=data
     )
@@ -183,7 +185,7 @@ def test_nonfinite_head_log_probs_never_reach_the_gradient():
     with torch.no_grad():
         leaves[1][leaves[1].shape[0] - 2] = float("nan")  # last response token
         leaves[1][leaves[1].shape[0] - 5] = float("-inf")  # first response token
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
     total, metrics = with_mtp_policy_loss(partial(ppo_loss, config=config), mtp_cfg, OCCState(mtp_cfg.occ))(
         model_output=out, data=data
     )
@@ -196,7 +198,7 @@ def test_metrics_are_reported_per_head():
     config = mtp_actor_config(DAPO)
     data = make_actor_batch([3, 5], [6, 4], seed=5)
     out, _ = model_outputs(data, num_heads=2, seed=5)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", occ=OCCConfig(enable=True))
     _, metrics = with_mtp_policy_loss(partial(ppo_loss, config=config), mtp_cfg, OCCState(mtp_cfg.occ))(
         model_output=out, data=data
     )
@@ -208,7 +210,7 @@ def test_metrics_are_reported_per_head():
 
 
 def test_wrapping_rejects_a_loss_without_actor_config():
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl")
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl")
     with pytest.raises(TypeError, match="ActorConfig"):
         with_mtp_policy_loss(lambda **kw: None, mtp_cfg, OCCState(mtp_cfg.occ))
 
@@ -221,8 +223,8 @@ def test_detached_head_ce_term_is_added_with_the_main_normalisation():
     for k in (1, 2):
         out[mtp_ce_key(k)] = nested_like(data, -torch.rand(n, generator=torch.Generator().manual_seed(k)))
     base = partial(ppo_loss, config=config)
-    plain = MtpRLConfig(enable=True, mtp_loss_type="rl")
-    with_ce = MtpRLConfig(enable=True, mtp_loss_type="rl", detached_head_ce_coef=0.2)
+    plain = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl")
+    with_ce = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", detached_head_ce_coef=0.2)
     total_plain, _ = with_mtp_policy_loss(base, plain, OCCState(plain.occ))(model_output=out, data=data)
     total_ce, metrics = with_mtp_policy_loss(base, with_ce, OCCState(with_ce.occ))(model_output=out, data=data)
     expected = 0
@@ -245,7 +247,7 @@ def test_every_registered_policy_loss_gives_the_heads_the_same_term(loss_mode):
     data = make_actor_batch([4, 2, 6, 3], [7, 9, 3, 5], seed=2)
     out, leaves = model_outputs(data, num_heads=1, seed=2)
     base = partial(ppo_loss, config=config)
-    mtp_cfg = MtpRLConfig(enable=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3)
+    mtp_cfg = MtpRLConfig(enable=True, enable_train=True, mtp_loss_type="rl", mtp_loss_scaling_factor=0.3)
     base_loss, _ = base(model_output=out, data=data)
     want, lp, mtp, old, mask = independent_mtp_term(config, data, out, leaves, 1, 0.3)
     (want_grad,) = torch.autograd.grad(want, leaves[1])

@@ -12,13 +12,13 @@ keep their meaning. ``mtp_loss_type`` names a regime (see :data:`MTP_REGIME_REGI
 ``mtp_loss_type=None`` (the default) leaves verl's behaviour untouched.
 
 This module is a leaf of the project (it imports nothing else of it), and its objects only validate: they
-change neither themselves nor any global state. The regime's own values of verl's ``enable_train`` /
-``detach_encoder`` are handed to verl by the engine, as a copy (:meth:`MtpRLConfig.with_regime_switches`).
+change neither themselves nor any global state. verl's own switches keep their meaning and are read by verl as
+given: a regime requires ``enable_train=True`` and its own value of ``detach_encoder``, and a config that says
+otherwise is refused with the setting to change, never rewritten.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Optional
@@ -52,9 +52,9 @@ class MtpRegime:
 
     A regime is a declaration rather than code because the config must validate names and options while
     staying a leaf: the registry lives here, and the engine and the loss read its fields instead of comparing
-    names. ``detach_encoder`` is the value of verl's switch the regime needs (``enable_train`` is always
-    True); ``policy_loss`` says the heads are trained by the actor's policy loss (this project's postprocess,
-    scoring, alignment and loss term, with OCC and the options marked "rl only").
+    names. ``detach_encoder`` is the value of verl's switch the regime requires (``enable_train=True`` is
+    required by every regime); ``policy_loss`` says the heads are trained by the actor's policy loss (this
+    project's postprocess, scoring, alignment and loss term, with OCC and the options marked "rl only").
     """
 
     name: str
@@ -185,16 +185,29 @@ def check_mtp_rl_settings(config) -> None:
             f"actor_rollout_ref.model.mtp.mtp_loss_type={regime.name} needs actor_rollout_ref.model.mtp.enable="
             "True and a model with MTP layers."
         )
-    if config.detach_encoder and not regime.detach_encoder:
-        raise ValueError(
-            f"actor_rollout_ref.model.mtp.detach_encoder=True contradicts mtp_loss_type={regime.name} (which "
-            "trains the trunk through the MTP heads); use mtp_loss_type=detach or detach_encoder=False."
-        )
     if config.logprob_chunk_size < 0:
         raise ValueError(
             f"actor_rollout_ref.model.mtp.logprob_chunk_size must be >= 0, got {config.logprob_chunk_size}"
         )
     _check_policy_loss_options(config, regime)
+    _check_verl_switches(config, regime)
+
+
+def _check_verl_switches(config, regime: MtpRegime) -> None:
+    """verl reads ``enable_train`` / ``detach_encoder`` itself: they must already say what the regime trains."""
+    if config.detach_encoder != regime.detach_encoder:
+        trunk = "keeps the MTP loss off the trunk" if regime.detach_encoder else "trains the trunk through the heads"
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.detach_encoder={config.detach_encoder} contradicts mtp_loss_type="
+            f"{regime.name} (which {trunk}); set detach_encoder={regime.detach_encoder}"
+            + ("." if regime.detach_encoder else " or mtp_loss_type=detach.")
+        )
+    if not config.enable_train:
+        raise ValueError(
+            f"actor_rollout_ref.model.mtp.mtp_loss_type={regime.name} trains the MTP heads, but "
+            "actor_rollout_ref.model.mtp.enable_train=False (verl would not run them in the training forward); "
+            "set enable_train=True, or mtp_loss_type=null to leave the heads untrained."
+        )
 
 
 def _check_policy_loss_options(config, regime: MtpRegime) -> None:
@@ -263,16 +276,6 @@ class MtpRLConfig(MtpConfig):
         regime = self.regime
         return self.enable and regime is not None and regime.policy_loss
 
-    def with_regime_switches(self) -> MtpRLConfig:
-        """A copy with verl's own switches set as the regime needs (``self`` when there is no regime).
-
-        ``enable_train=True`` (verl passes labels to the model and runs the heads) and the regime's
-        ``detach_encoder``; the regime wins over the values given for those two keys.
-        """
-        regime = self.regime
-        if regime is None:
-            return self
-        return dataclasses.replace(self, enable_train=True, detach_encoder=regime.detach_encoder)
 
 
 def check_megatron_mtp_settings(mtp_config, transformer_config) -> None:

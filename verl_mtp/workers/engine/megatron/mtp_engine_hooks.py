@@ -5,8 +5,8 @@ made only of these calls, or verl's class itself), so that the behaviour lives i
 carries the calls. The state the hooks keep is one object, ``engine.mtp_state``
 (:class:`~verl_mtp.workers.engine.megatron.mtp_engine_state.MtpEngineState`), made by :func:`init_mtp_state`.
 
-They hand verl the regime's values of verl's ``enable_train`` / ``detach_encoder`` (verl reads them when it
-patches the model and in every ``forward_step``), and for a regime trained by the policy loss (``rl``):
+verl's own ``enable_train`` / ``detach_encoder`` are read by verl as given (the config requires the regime's
+values of them). For a regime trained by the policy loss (``rl``) the hooks:
 
 1. install one RL postprocess per model chunk (:mod:`verl_mtp.models.mcore.mtp_patch`) after verl's own MTP
    patch, keeping the chunk -> postprocess map;
@@ -77,7 +77,6 @@ from verl_mtp.workers.utils.losses import mtp_head_only_loss, with_mtp_policy_lo
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "apply_regime_switches",
     "init_mtp_state",
     "check_mtp_rl_layout",
     "install_mtp_rl",
@@ -94,12 +93,6 @@ __all__ = [
     "fused_lm_head_logits_processor",
     "fused_main_head_scores",
 ]
-
-
-def apply_regime_switches(model_config) -> None:
-    """Before verl's engine reads ``enable_train`` / ``detach_encoder``: the regime's values win."""
-    if isinstance(model_config.mtp, MtpRLConfig):
-        model_config.mtp = model_config.mtp.with_regime_switches()
 
 
 def init_mtp_state(engine) -> None:

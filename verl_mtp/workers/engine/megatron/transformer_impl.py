@@ -18,7 +18,6 @@ __all__ = ["MegatronMTPEngineWithLMHead"]
 
 class MegatronMTPEngineWithLMHead(MegatronEngineWithLMHead):
     def __init__(self, model_config, *args, **kwargs):
-        mtp_engine_hooks.apply_regime_switches(model_config)
         super().__init__(model_config, *args, **kwargs)
         mtp_engine_hooks.init_mtp_state(self)
 
