@@ -4,8 +4,8 @@ Why: the tiny model of :mod:`.tiny_model` starts from random weights and almost 
 EOS", so every GRPO group has zero reward variance and RL has nothing to learn from. A short SFT on the
 arithmetic task (the same prompts, chat template and tokenizer as the RL run) gives it a partial skill, so the
 RL curve that follows can actually move (README: how much). The MTP heads are trained jointly with
-Megatron's MTP cross-entropy (verl's own MTP support: ``model.mtp.enable_train=True``), as MiMo's
-pre-training does, so they start RL as working drafters.
+Megatron's MTP cross-entropy (verl-mtp's ``ce`` regime: verl's own MTP support, the lm_head kept off it on every
+megatron-core version), as MiMo's pre-training does, so they start RL as working drafters.
 
 What runs: ``verl.trainer.sft_trainer.SFTTrainer`` (verl's engine-based SFT trainer) on the example's config
 ``config/sft_warmup.yaml``: verl's ``sft_trainer_engine`` with the Megatron engine and optimizer and the CPU
