@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import series_doc  # the generator's own modules (pyproject's pytest pythonpath: scripts/upstream)
+from series import SERIES
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts/upstream/make_verl_pr.py"
@@ -25,9 +27,6 @@ DOC = "docs/upstream_pr.md"
 DEFAULT_MCORE = subprocess.run(
     ["bash", str(REPO / "scripts/venv_path.sh"), "--default-mcore"], capture_output=True, text=True, check=True
 ).stdout.strip()
-sys.path.insert(0, str(SCRIPT.parent))
-import series_doc  # noqa: E402  (the generator's own modules, not a package)
-from series import SERIES  # noqa: E402
 # The integration edits of verl's pre-existing code: two exports, the MTP-RL fields of ``MtpConfig`` (with their
 # documentation and imports) and the engine's hook calls in ``MegatronEngineWithLMHead``; a change that needs
 # more is a change of the upstream form and should be reviewed as such. Nothing of verl's is removed. verl's
